@@ -1,0 +1,36 @@
+use std::process::ExitCode;
+
+use ingest::config::Config;
+use ingest::startup::Application;
+
+#[actix_web::main]
+async fn main() -> ExitCode {
+    if let Err(e) = shared::telemetry::init() {
+        eprintln!("invalid configuration: {e}");
+        return ExitCode::from(2);
+    }
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let addr = config.addr;
+    let app = match Application::build(config).await {
+        Ok(app) => app,
+        Err(e) => {
+            tracing::error!(error = %e, "ingest failed to start");
+            eprintln!("ingest failed to start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(addr = %addr, port = app.port(), "ingest listening");
+    match app.run_until_stopped().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "ingest server failed");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! Builds the application: the producer, the topics, the listener, the routes.
+
+use std::net::TcpListener;
+use std::time::Duration;
+
+use actix_web::dev::Server;
+use actix_web::{web, App, HttpServer};
+use shared::kafka::{ensure_topics, TopicSpec};
+
+use crate::append::EventLog;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::routes;
+
+/// What every request handler shares.
+pub struct AppState {
+    pub config: Config,
+    pub log: EventLog,
+    pub metrics: Metrics,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot create the Kafka topics: {0}")]
+    Topics(#[from] shared::kafka::TopicError),
+    #[error("cannot create the Kafka producer: {0}")]
+    Producer(#[from] rdkafka::error::KafkaError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+pub struct Application {
+    port: u16,
+    server: Server,
+    state: web::Data<AppState>,
+}
+
+/// How long shutdown waits for in-flight requests and queued records.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
+
+impl Application {
+    pub async fn build(config: Config) -> Result<Self, StartupError> {
+        ensure_topics(
+            &config.kafka_brokers,
+            &[
+                TopicSpec::event_log(&config.events_topic, config.events_partitions),
+                TopicSpec::dead_letters(&config.dlq_topic),
+            ],
+            Duration::from_secs(30),
+        )
+        .await?;
+        let log = EventLog::new(
+            &config.kafka_brokers,
+            &config.events_topic,
+            &config.dlq_topic,
+            config.append_timeout,
+        )?;
+        let listener = TcpListener::bind(config.addr).map_err(|source| StartupError::Listen {
+            addr: config.addr,
+            source,
+        })?;
+        let port = listener
+            .local_addr()
+            .map_err(|source| StartupError::Listen {
+                addr: config.addr,
+                source,
+            })?
+            .port();
+        let state = web::Data::new(AppState {
+            config,
+            log,
+            metrics: Metrics::default(),
+        });
+        let app_state = state.clone();
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(app_state.clone())
+                .route("/webhooks/stripe", web::post().to(routes::stripe_webhook))
+                .route("/healthz", web::get().to(routes::healthz))
+                .route("/readyz", web::get().to(routes::readyz))
+                .route("/metrics", web::get().to(routes::metrics))
+        })
+        .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
+        .listen(listener)
+        .map_err(|source| StartupError::Listen {
+            addr: state.config.addr,
+            source,
+        })?
+        .run();
+        Ok(Application {
+            port,
+            server,
+            state,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Serves until SIGINT/SIGTERM (actix stops accepting and drains in-flight requests), then
+    /// flushes the producer.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await?;
+        if let Err(e) = self.state.log.flush(SHUTDOWN_GRACE) {
+            tracing::error!(error = %e, "records were still queued at shutdown");
+        }
+        tracing::info!("ingest stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,11 @@
+//! What `ingest` and `projector` agree on: the Stripe event envelope, the partition key, the
+//! record headers of the raw log, topic settings, Kafka client settings, telemetry, metrics
+//! rendering and the entitlement change message. No I/O policy lives here.
+#![forbid(unsafe_code)]
+
+pub mod envelope;
+pub mod kafka;
+pub mod metrics;
+pub mod telemetry;
+
+pub use envelope::{EnvelopeError, EventEnvelope};
