@@ -83,6 +83,9 @@ impl Application {
                 .route("/readyz", web::get().to(routes::readyz))
                 .route("/metrics", web::get().to(routes::metrics))
         })
+        // Longer than the usual client and load-balancer idle timeouts, so that a pooled
+        // connection is not closed under a request that is being sent on it.
+        .keep_alive(Duration::from_secs(75))
         .shutdown_timeout(SHUTDOWN_GRACE.as_secs())
         .listen(listener)
         .map_err(|source| StartupError::Listen {

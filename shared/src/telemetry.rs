@@ -1,5 +1,7 @@
 //! Logging set-up: `RUST_LOG` filters (default `info`), `LOG_FORMAT=json` for structured logs.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Installs the global subscriber. Returns an error message naming the variable when
@@ -7,8 +9,10 @@ use tracing_subscriber::EnvFilter;
 pub fn init() -> Result<(), String> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let format = std::env::var("LOG_FORMAT").unwrap_or_else(|_| "text".into());
+    // Colours only on a terminal: piped logs are read by programs.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format.as_str() {
         "text" | "" => builder.try_init().map_err(|e| e.to_string()),
