@@ -2,4 +2,12 @@
 //! changes and serves the read API.
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod config;
+pub mod consumer;
+pub mod metrics;
+pub mod outbox;
 pub mod projection;
+pub mod redrive;
+pub mod startup;
+pub mod store;

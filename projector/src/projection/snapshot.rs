@@ -239,7 +239,7 @@ impl Snapshot {
 
     /// Parses `data.object` of an event of family `kind`. `livemode` is the envelope's, used
     /// when the object does not say. The error is the reason, naming the field at fault.
-    pub(super) fn parse(
+    pub fn parse(
         kind: ObjectKind,
         event_type: &str,
         object: &RawValue,

@@ -1,0 +1,244 @@
+//! Projector configuration: read from the environment once at start-up, validated, typed.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::SecretString;
+
+use crate::projection::EntitlementPolicy;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `KAFKA_BROKERS`: bootstrap servers.
+    pub kafka_brokers: String,
+    /// `DATABASE_URL`: the projections database (contains a password: a secret).
+    pub database_url: SecretString,
+    /// `PROJECTOR_ADDR`: read API, health and metrics.
+    pub addr: SocketAddr,
+    /// `STRIPE_EVENTS_TOPIC`: the raw log.
+    pub events_topic: String,
+    /// `ENTITLEMENTS_TOPIC`: downstream change messages.
+    pub entitlements_topic: String,
+    /// `DLQ_TOPIC`: records the projector cannot use.
+    pub dlq_topic: String,
+    /// `ENTITLEMENTS_CONFIG`: the product/price → features mapping, loaded.
+    pub policy: EntitlementPolicy,
+    /// Where the policy came from, for logs (`None`: the default file is absent).
+    pub policy_path: Option<PathBuf>,
+    /// `API_TOKEN`: bearer token of the read API; `None` only with `API_AUTH=disabled`.
+    pub api_token: Option<SecretString>,
+    /// `PROJECTOR_GROUP`: the Kafka consumer group.
+    pub group_id: String,
+    /// `BATCH_MAX_EVENTS`: most records applied in one transaction.
+    pub batch_max_events: usize,
+    /// `BATCH_LINGER_MS`: how long a batch waits for more records after its first, ms.
+    pub batch_linger: Duration,
+    /// `ENTITLEMENTS_PARTITIONS`: partitions of the change topic when the projector creates it.
+    pub entitlements_partitions: i32,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{var}: {problem}")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub problem: String,
+}
+
+fn err(var: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        var,
+        problem: problem.into(),
+    }
+}
+
+pub const DEFAULT_DATABASE_URL: &str = "postgres://stripe:stripe@127.0.0.1:5432/stripe_pipeline";
+
+impl Config {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        let database_url = get("DATABASE_URL").unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
+        if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
+            // Never echo the value: it carries a password.
+            return Err(err("DATABASE_URL", "expected a postgres:// URL"));
+        }
+        let addr = get("PROJECTOR_ADDR").unwrap_or_else(|| "127.0.0.1:8081".into());
+        let addr = addr.parse().map_err(|_| {
+            err(
+                "PROJECTOR_ADDR",
+                format!("expected host:port, got `{addr}`"),
+            )
+        })?;
+
+        let (policy, policy_path) = match get("ENTITLEMENTS_CONFIG") {
+            Some(path) => (load_policy(&path)?, Some(PathBuf::from(path))),
+            // The default file is optional: without it only Stripe's own entitlement
+            // summaries grant features.
+            None if std::path::Path::new("entitlements.toml").exists() => (
+                load_policy("entitlements.toml")?,
+                Some(PathBuf::from("entitlements.toml")),
+            ),
+            None => (EntitlementPolicy::default(), None),
+        };
+
+        let api_token = match (get("API_TOKEN"), get("API_AUTH").as_deref()) {
+            (_, Some("disabled")) => None,
+            (Some(token), None | Some("enabled")) => {
+                if token.len() < 16 {
+                    return Err(err("API_TOKEN", "must be at least 16 characters"));
+                }
+                Some(SecretString::from(token))
+            }
+            (None, None | Some("enabled")) => {
+                return Err(err(
+                    "API_TOKEN",
+                    "required (or set API_AUTH=disabled to serve the read API without auth)",
+                ))
+            }
+            (_, Some(other)) => {
+                return Err(err(
+                    "API_AUTH",
+                    format!("expected `enabled` or `disabled`, got `{other}`"),
+                ))
+            }
+        };
+
+        let batch_max_events: usize = num(get("BATCH_MAX_EVENTS"), "BATCH_MAX_EVENTS", 2000)?;
+        if !(1..=50_000).contains(&batch_max_events) {
+            return Err(err("BATCH_MAX_EVENTS", "must be between 1 and 50000"));
+        }
+        let linger_ms: u64 = num(get("BATCH_LINGER_MS"), "BATCH_LINGER_MS", 20)?;
+        if linger_ms > 10_000 {
+            return Err(err("BATCH_LINGER_MS", "must be at most 10000"));
+        }
+        let entitlements_partitions: i32 =
+            num(get("ENTITLEMENTS_PARTITIONS"), "ENTITLEMENTS_PARTITIONS", 6)?;
+        if entitlements_partitions < 1 {
+            return Err(err("ENTITLEMENTS_PARTITIONS", "must be at least 1"));
+        }
+        Ok(Config {
+            kafka_brokers: get("KAFKA_BROKERS").unwrap_or_else(|| "127.0.0.1:9092".into()),
+            database_url: SecretString::from(database_url),
+            addr,
+            events_topic: topic(
+                get("STRIPE_EVENTS_TOPIC"),
+                "STRIPE_EVENTS_TOPIC",
+                "stripe.events",
+            )?,
+            entitlements_topic: topic(
+                get("ENTITLEMENTS_TOPIC"),
+                "ENTITLEMENTS_TOPIC",
+                "entitlements.changes",
+            )?,
+            dlq_topic: topic(get("DLQ_TOPIC"), "DLQ_TOPIC", "stripe.events.dlq")?,
+            policy,
+            policy_path,
+            api_token,
+            group_id: get("PROJECTOR_GROUP").unwrap_or_else(|| "projector".into()),
+            batch_max_events,
+            batch_linger: Duration::from_millis(linger_ms),
+            entitlements_partitions,
+        })
+    }
+}
+
+fn load_policy(path: &str) -> Result<EntitlementPolicy, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| err("ENTITLEMENTS_CONFIG", format!("cannot read `{path}`: {e}")))?;
+    EntitlementPolicy::from_toml_str(&text)
+        .map_err(|e| err("ENTITLEMENTS_CONFIG", format!("`{path}`: {e}")))
+}
+
+fn num<T: std::str::FromStr>(
+    value: Option<String>,
+    var: &'static str,
+    default: T,
+) -> Result<T, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| err(var, format!("expected a non-negative integer, got `{v}`"))),
+    }
+}
+
+fn topic(value: Option<String>, var: &'static str, default: &str) -> Result<String, ConfigError> {
+    let name = value.unwrap_or_else(|| default.to_owned());
+    let valid = !name.is_empty()
+        && name.len() <= 249
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if valid {
+        Ok(name)
+    } else {
+        Err(err(
+            var,
+            format!("`{name}` is not a valid Kafka topic name"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|name| map.get(name).cloned())
+    }
+
+    const TOKEN: (&str, &str) = ("API_TOKEN", "0123456789abcdef0123");
+
+    #[test]
+    fn defaults_apply_with_a_token() {
+        let c = config(&[TOKEN, ("ENTITLEMENTS_CONFIG", "../entitlements.toml")]).unwrap();
+        assert_eq!(c.addr.to_string(), "127.0.0.1:8081");
+        assert_eq!(c.events_topic, "stripe.events");
+        assert_eq!(c.entitlements_topic, "entitlements.changes");
+        assert_eq!(c.dlq_topic, "stripe.events.dlq");
+        assert!(c.api_token.is_some());
+    }
+
+    #[test]
+    fn refuses_to_start_without_a_token_unless_auth_is_disabled() {
+        assert_eq!(config(&[]).unwrap_err().var, "API_TOKEN");
+        assert!(config(&[("API_AUTH", "disabled")])
+            .unwrap()
+            .api_token
+            .is_none());
+        assert_eq!(
+            config(&[("API_AUTH", "maybe")]).unwrap_err().var,
+            "API_AUTH"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_their_variable_and_never_echo_the_database_url() {
+        let e = config(&[TOKEN, ("DATABASE_URL", "mysql://u:hunter2@x/db")]).unwrap_err();
+        assert_eq!(e.var, "DATABASE_URL");
+        assert!(!e.to_string().contains("hunter2"));
+        for (var, value) in [
+            ("PROJECTOR_ADDR", "nowhere"),
+            ("ENTITLEMENTS_CONFIG", "/does/not/exist.toml"),
+            ("BATCH_MAX_EVENTS", "0"),
+            ("ENTITLEMENTS_TOPIC", "a b"),
+            ("API_TOKEN", "short"),
+        ] {
+            assert_eq!(
+                config(&[TOKEN, (var, value)]).unwrap_err().var,
+                var,
+                "{var}"
+            );
+        }
+    }
+}

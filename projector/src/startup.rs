@@ -1,0 +1,160 @@
+//! Builds `projector run`: database, topics, consumer, outbox relay, read API.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::Server;
+use actix_web::{web, App, HttpServer};
+use rdkafka::consumer::StreamConsumer;
+use rdkafka::producer::FutureProducer;
+use shared::kafka::{durable_producer_config, ensure_topics, TopicSpec};
+use sqlx::PgPool;
+use tokio::sync::watch;
+
+use crate::api::{self, ApiState};
+use crate::config::Config;
+use crate::consumer::{create_consumer, watch_lag, ConsumeLoop};
+use crate::metrics::Metrics;
+use crate::outbox::Relay;
+use crate::store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot connect to Postgres: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("cannot migrate the database: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("cannot create the Kafka topics: {0}")]
+    Topics(#[from] shared::kafka::TopicError),
+    #[error("cannot create a Kafka client: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+pub struct Application {
+    port: u16,
+    server: Server,
+    config: Arc<Config>,
+    pool: PgPool,
+    consumer: Arc<StreamConsumer>,
+    producer: FutureProducer,
+    metrics: Arc<Metrics>,
+}
+
+/// Opens the database and applies the migrations.
+pub async fn database(config: &Config) -> Result<PgPool, StartupError> {
+    let pool = store::connect(&config.database_url, 8).await?;
+    store::migrate(&pool).await?;
+    Ok(pool)
+}
+
+pub async fn topics(config: &Config) -> Result<(), StartupError> {
+    let partitions = std::env::var("STRIPE_EVENTS_PARTITIONS")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(6);
+    ensure_topics(
+        &config.kafka_brokers,
+        &[
+            TopicSpec::event_log(&config.events_topic, partitions),
+            TopicSpec::compacted(&config.entitlements_topic, config.entitlements_partitions),
+            TopicSpec::dead_letters(&config.dlq_topic),
+        ],
+        Duration::from_secs(30),
+    )
+    .await?;
+    Ok(())
+}
+
+pub fn producer(config: &Config) -> Result<FutureProducer, StartupError> {
+    Ok(durable_producer_config(&config.kafka_brokers, Duration::from_secs(30)).create()?)
+}
+
+impl Application {
+    pub async fn build(config: Config) -> Result<Self, StartupError> {
+        let config = Arc::new(config);
+        let pool = database(&config).await?;
+        topics(&config).await?;
+        let consumer = Arc::new(create_consumer(&config)?);
+        let producer = producer(&config)?;
+        let metrics = Arc::new(Metrics::default());
+        let listener = TcpListener::bind(config.addr).map_err(|source| StartupError::Listen {
+            addr: config.addr,
+            source,
+        })?;
+        let addr = config.addr;
+        let port = listener
+            .local_addr()
+            .map_err(|source| StartupError::Listen { addr, source })?
+            .port();
+        let state = web::Data::new(ApiState {
+            pool: pool.clone(),
+            api_token: config.api_token.clone(),
+            metrics: metrics.clone(),
+            consumer: Some(consumer.clone()),
+            events_topic: config.events_topic.clone(),
+        });
+        let server =
+            HttpServer::new(move || App::new().app_data(state.clone()).configure(api::routes))
+                .keep_alive(Duration::from_secs(75))
+                .shutdown_timeout(10)
+                .listen(listener)
+                .map_err(|source| StartupError::Listen { addr, source })?
+                .run();
+        Ok(Application {
+            port,
+            server,
+            config,
+            pool,
+            consumer,
+            producer,
+            metrics,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Runs the consumer, the relay and the API until SIGINT/SIGTERM; the batch in flight is
+    /// finished and pending outbox rows are published before it returns.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let (stop, shutdown) = watch::channel(false);
+        let consume = ConsumeLoop {
+            config: self.config.clone(),
+            pool: self.pool.clone(),
+            consumer: self.consumer.clone(),
+            metrics: self.metrics.clone(),
+        };
+        let consumer_task = tokio::spawn(consume.run(shutdown.clone()));
+        let relay = Relay {
+            pool: self.pool.clone(),
+            producer: self.producer.clone(),
+            metrics: self.metrics.clone(),
+        };
+        let relay_task = tokio::spawn(relay.run(shutdown.clone()));
+        let lag_task = tokio::spawn(watch_lag(
+            self.config.clone(),
+            self.pool.clone(),
+            self.consumer.clone(),
+            self.metrics.clone(),
+            shutdown,
+        ));
+        let served = self.server.await;
+        let _ = stop.send(true);
+        match consumer_task.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "consumer failed"),
+            Err(e) => tracing::error!(error = %e, "consumer task panicked"),
+            Ok(Ok(())) => {}
+        }
+        let _ = relay_task.await;
+        let _ = lag_task.await;
+        tracing::info!("projector stopped");
+        served
+    }
+}

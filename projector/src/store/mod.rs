@@ -1,0 +1,32 @@
+//! Postgres: the projections, progress, dedupe, dead letters and the outbox. Only moves data;
+//! what the data means is decided in `projection`.
+
+mod batch;
+mod load;
+pub mod read;
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+pub use batch::{apply_batch, BatchContext, BatchOutcome, InputRecord};
+pub use load::load_states;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// A pool on `url`; fails fast when the database is unreachable.
+pub async fn connect(url: &SecretString, max_connections: u32) -> Result<PgPool, sqlx::Error> {
+    let options: PgConnectOptions = url.expose_secret().parse()?;
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await
+}
+
+/// Applies the migrations that have not run yet.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
