@@ -120,6 +120,7 @@ pub fn with(mut object: Value, field: &str, value: Value) -> Value {
     object
 }
 
+#[allow(clippy::too_many_arguments)]
 /// An invoice of a subscription, in the basil shape (`parent.subscription_details`) or the
 /// 2022-11-15 shape (`subscription`, `paid`).
 pub fn invoice(
