@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::store::{apply_batch, BatchContext, BatchOutcome, InputRecord};
+use crate::store::{apply_batch, BatchContext, BatchMode, BatchOutcome, InputRecord};
 
 /// Retries of a failing batch back off up to this.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -145,7 +145,7 @@ impl ConsumeLoop {
             entitlements_topic: &self.config.entitlements_topic,
             dlq_topic: &self.config.dlq_topic,
             policy: &self.config.policy,
-            track_offsets: true,
+            mode: BatchMode::Live,
             accept_gaps,
         };
         let mut backoff = Duration::from_millis(100);

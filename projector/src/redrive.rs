@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use sqlx::{PgPool, Row};
 
 use crate::config::Config;
-use crate::store::{apply_batch, BatchContext, InputRecord};
+use crate::store::{apply_batch, BatchContext, BatchMode, InputRecord};
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RedriveReport {
@@ -50,7 +50,7 @@ pub async fn redrive(
         entitlements_topic: &config.entitlements_topic,
         dlq_topic: &config.dlq_topic,
         policy: &config.policy,
-        track_offsets: false,
+        mode: BatchMode::Redrive,
         accept_gaps: &no_gaps,
     };
     let outcome = apply_batch(pool, &ctx, &records).await?;

@@ -24,15 +24,41 @@ pub struct InputRecord {
     pub payload: Option<Vec<u8>>,
 }
 
+/// Who applies the batch, which decides what it writes besides the projection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchMode {
+    /// `projector run`: offsets, change messages and dead letters to the outbox; pauses while a
+    /// rebuild swaps (shared side of the rebuild lock).
+    Live,
+    /// `projector rebuild` into a fresh schema: offsets, but no messages (history is not
+    /// re-announced; the swap emits the net differences).
+    Rebuild,
+    /// `projector redrive`: dead letters re-applied outside the log's order; change messages,
+    /// no offsets, no second trip to the DLQ topic.
+    Redrive,
+}
+
+impl BatchMode {
+    fn tracks_offsets(self) -> bool {
+        matches!(self, BatchMode::Live | BatchMode::Rebuild)
+    }
+
+    fn emits(self) -> bool {
+        matches!(self, BatchMode::Live | BatchMode::Redrive)
+    }
+}
+
+/// Key of the advisory lock that a rebuild holds exclusively while it swaps; live batches take
+/// it shared, so they pause between batches and resume on the swapped tables.
+pub const REBUILD_LOCK: i64 = 0x5354_5249_5045_0001;
+
 /// What a batch needs besides its records.
 pub struct BatchContext<'a> {
     pub events_topic: &'a str,
     pub entitlements_topic: &'a str,
     pub dlq_topic: &'a str,
     pub policy: &'a EntitlementPolicy,
-    /// Whether the consumed offsets are stored (false for `redrive`, which re-applies dead
-    /// letters outside the log's order).
-    pub track_offsets: bool,
+    pub mode: BatchMode,
     /// Partitions where a gap between the stored offset and the first record is accepted:
     /// the consumer already sought back once and the log starts later.
     pub accept_gaps: &'a HashSet<i32>,
@@ -99,10 +125,16 @@ pub async fn apply_batch(
 ) -> Result<BatchOutcome, sqlx::Error> {
     let mut outcome = BatchOutcome::default();
     let mut tx = pool.begin().await?;
+    if ctx.mode == BatchMode::Live {
+        sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+            .bind(REBUILD_LOCK)
+            .execute(&mut *tx)
+            .await?;
+    }
 
     // 1. Progress: lock this batch's partitions' offsets, so that two projectors racing over
     //    a rebalance serialise here, and drop what was applied already.
-    let records: Vec<&InputRecord> = if ctx.track_offsets {
+    let records: Vec<&InputRecord> = if ctx.mode.tracks_offsets() {
         let stored = lock_offsets(&mut tx, ctx.events_topic, records).await?;
         let mut first_seen: HashMap<i32, i64> = HashMap::new();
         let mut keep = Vec::with_capacity(records.len());
@@ -239,7 +271,7 @@ pub async fn apply_batch(
     }
 
     // 8. Progress, in the same transaction as everything it covers.
-    if ctx.track_offsets {
+    if ctx.mode.tracks_offsets() {
         let mut next: BTreeMap<i32, i64> = BTreeMap::new();
         for record in &records {
             let entry = next.entry(record.partition).or_insert(record.offset + 1);
@@ -670,12 +702,14 @@ async fn write_entitlement_changes(
         };
         let payload = serde_json::to_vec(&message).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
         let message_key = shared::envelope::scoped_key(view.account.as_deref(), &view.customer);
-        outbox.push(
-            ctx.entitlements_topic,
-            Some(message_key),
-            payload,
-            serde_json::json!({}),
-        );
+        if ctx.mode.emits() {
+            outbox.push(
+                ctx.entitlements_topic,
+                Some(message_key),
+                payload,
+                serde_json::json!({}),
+            );
+        }
         upsert.push(key, &view, version, value.to_string());
     }
     let changes = upsert.customer.len() as u64;
@@ -708,7 +742,7 @@ async fn write_entitlement_changes(
 
 /// Whether two stored objects are the same entitlement state. `updated_at` alone changing (an
 /// invoice, a profile update) is not a change downstream needs to hear about.
-fn same_entitlements(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+pub fn same_entitlements(a: &serde_json::Value, b: &serde_json::Value) -> bool {
     match (a.as_object(), b.as_object()) {
         (Some(a), Some(b)) => {
             a.len() == b.len()
@@ -831,8 +865,9 @@ async fn write_dead_letters(
             header::DLQ_MESSAGE: d.message,
             header::DLQ_SOURCE: source,
         });
-        // A redriven record that fails again is already in the DLQ topic.
-        if ctx.track_offsets {
+        // A redriven record that fails again is already in the DLQ topic; a rebuild's were
+        // published when live processing met them.
+        if ctx.mode == BatchMode::Live {
             outbox.push(ctx.dlq_topic, d.event_id.clone(), payload, headers);
         }
     }

@@ -11,14 +11,29 @@ use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-pub use batch::{apply_batch, BatchContext, BatchOutcome, InputRecord};
+pub use batch::{
+    apply_batch, same_entitlements, BatchContext, BatchMode, BatchOutcome, InputRecord,
+    REBUILD_LOCK,
+};
 pub use load::load_states;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 /// A pool on `url`; fails fast when the database is unreachable.
 pub async fn connect(url: &SecretString, max_connections: u32) -> Result<PgPool, sqlx::Error> {
-    let options: PgConnectOptions = url.expose_secret().parse()?;
+    connect_in(url, max_connections, None).await
+}
+
+/// A pool whose unqualified table names resolve in `schema` (a rebuild's fresh tables).
+pub async fn connect_in(
+    url: &SecretString,
+    max_connections: u32,
+    schema: Option<&str>,
+) -> Result<PgPool, sqlx::Error> {
+    let mut options: PgConnectOptions = url.expose_secret().parse()?;
+    if let Some(schema) = schema {
+        options = options.options([("search_path", schema)]);
+    }
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(10))
