@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::projection::EntitlementPolicy;
 use crate::store::{apply_batch, BatchContext, BatchMode, BatchOutcome, InputRecord};
 
 /// Retries of a failing batch back off up to this.
@@ -37,6 +38,49 @@ pub fn create_consumer(config: &Config) -> Result<StreamConsumer, rdkafka::error
         .create()
 }
 
+/// The entitlement policy, reloaded when its file changes, so that a new mapping applies to the
+/// customers touched from then on (and `projector rebuild` applies it to everyone).
+struct LivePolicy {
+    policy: EntitlementPolicy,
+    path: Option<std::path::PathBuf>,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl LivePolicy {
+    fn new(config: &Config) -> Self {
+        let path = config.policy_path.clone();
+        let modified = path
+            .as_ref()
+            .and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+        LivePolicy {
+            policy: config.policy.clone(),
+            path,
+            modified,
+        }
+    }
+
+    fn refresh(&mut self) {
+        let Some(path) = &self.path else { return };
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        if modified == self.modified {
+            return;
+        }
+        self.modified = modified;
+        match std::fs::read_to_string(path)
+            .map_err(|e| e.to_string())
+            .and_then(|text| EntitlementPolicy::from_toml_str(&text).map_err(|e| e.to_string()))
+        {
+            Ok(policy) => {
+                tracing::info!(path = %path.display(), "entitlements mapping reloaded");
+                self.policy = policy;
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "entitlements mapping not reloaded; keeping the previous one")
+            }
+        }
+    }
+}
+
 pub struct ConsumeLoop {
     pub config: Arc<Config>,
     pub pool: PgPool,
@@ -53,6 +97,7 @@ impl ConsumeLoop {
         self.consumer.subscribe(&[&self.config.events_topic])?;
         let mut gap_seeks: HashMap<(i32, i64), u32> = HashMap::new();
         let mut accept_gaps: HashSet<i32> = HashSet::new();
+        let mut policy = LivePolicy::new(&self.config);
         tracing::info!(topic = %self.config.events_topic, group = %self.config.group_id, "consuming");
         loop {
             let Some(records) = self.next_batch(&mut shutdown).await else {
@@ -61,8 +106,9 @@ impl ConsumeLoop {
             if records.is_empty() {
                 continue;
             }
+            policy.refresh();
             let outcome = match self
-                .apply_with_retry(&records, &accept_gaps, &mut shutdown)
+                .apply_with_retry(&records, &accept_gaps, &policy.policy, &mut shutdown)
                 .await
             {
                 Some(outcome) => outcome,
@@ -138,13 +184,14 @@ impl ConsumeLoop {
         &self,
         records: &[InputRecord],
         accept_gaps: &HashSet<i32>,
+        policy: &EntitlementPolicy,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Option<BatchOutcome> {
         let ctx = BatchContext {
             events_topic: &self.config.events_topic,
             entitlements_topic: &self.config.entitlements_topic,
             dlq_topic: &self.config.dlq_topic,
-            policy: &self.config.policy,
+            policy,
             mode: BatchMode::Live,
             accept_gaps,
         };

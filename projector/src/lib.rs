@@ -5,9 +5,11 @@
 pub mod api;
 pub mod config;
 pub mod consumer;
+pub mod history;
 pub mod metrics;
 pub mod outbox;
 pub mod projection;
+pub mod rebuild;
 pub mod redrive;
 pub mod startup;
 pub mod store;

@@ -19,6 +19,27 @@ enum Command {
     Run,
     /// Apply the database migrations and exit.
     Migrate,
+    /// Rebuild every projection from offset 0 of the log into fresh tables while `run` keeps
+    /// serving, then swap atomically and publish only the net differences.
+    Rebuild {
+        /// Report the customers whose entitlements would change, with before/after; swap nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// A customer's entitlement timeline straight from the log.
+    History {
+        /// The Stripe customer id (cus_…).
+        customer: String,
+        /// The Connect account, for a connected account's customer.
+        #[arg(long)]
+        account: Option<String>,
+        /// Print the entitlement object as of this instant (RFC 3339) instead of the timeline.
+        #[arg(long)]
+        at: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Re-apply dead letters after a fix: all pending ones, or those with the given ids.
     Redrive {
         /// Dead-letter ids (from the `dead_letters` table); none means all pending.
@@ -72,6 +93,103 @@ async fn run(command: Command, config: Config) -> Result<ExitCode, String> {
                 .await
                 .map_err(|e| e.to_string())?;
             println!("migrations applied");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Rebuild { dry_run } => {
+            let report = projector::rebuild::rebuild(&config, dry_run)
+                .await
+                .map_err(|e| e.to_string())?;
+            for d in &report.differences {
+                let who = match &d.account {
+                    Some(account) => format!("{account}/{}", d.customer),
+                    None => d.customer.clone(),
+                };
+                let before = d
+                    .before
+                    .as_ref()
+                    .map(|v| v["features"].to_string())
+                    .unwrap_or_else(|| "(absent)".into());
+                println!(
+                    "{who}: features {before} -> {}  (+{:?} -{:?})",
+                    d.after["features"], d.added, d.removed
+                );
+            }
+            println!(
+                "{}: {} events in {:.1}s ({:.0} events/s), {} customers {}",
+                if report.swapped { "rebuilt" } else { "dry run" },
+                report.events,
+                report.seconds,
+                report.rate(),
+                report.differences.len(),
+                if report.swapped {
+                    "changed (messages published)"
+                } else {
+                    "would change"
+                },
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::History {
+            customer,
+            account,
+            at,
+            json,
+        } => {
+            let until = match at.as_deref() {
+                None => None,
+                Some(text) => Some(
+                    projector::history::parse_rfc3339(text)
+                        .ok_or_else(|| format!("--at: `{text}` is not an RFC 3339 instant"))?,
+                ),
+            };
+            let events =
+                projector::history::read_customer_events(&config, account.as_deref(), &customer)?;
+            let (timeline, view) = projector::history::replay(
+                &events,
+                account.as_deref().unwrap_or(""),
+                &customer,
+                &config.policy,
+                until,
+            );
+            if until.is_some() {
+                let Some(view) = view else {
+                    return Err(format!(
+                        "no events of {customer} at or before {}",
+                        at.unwrap_or_default()
+                    ));
+                };
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&view).map_err(|e| e.to_string())?
+                );
+            } else if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&timeline).map_err(|e| e.to_string())?
+                );
+            } else {
+                if timeline.is_empty() {
+                    return Err(format!("no events of {customer} in the log"));
+                }
+                for entry in &timeline {
+                    let mut changes: Vec<String> =
+                        entry.added.iter().map(|f| format!("+{f}")).collect();
+                    changes.extend(entry.removed.iter().map(|f| format!("-{f}")));
+                    println!(
+                        "{}  {:<45} {:<32} {:<16} features [{}]  {}",
+                        entry.at,
+                        entry.event_type,
+                        entry.event_id,
+                        if changes.is_empty() {
+                            "(no feature change)".to_owned()
+                        } else {
+                            changes.join(" ")
+                        },
+                        entry.features.join(", "),
+                        entry.subscriptions.join(" "),
+                    );
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Redrive { ids } => {

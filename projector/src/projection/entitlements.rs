@@ -180,7 +180,7 @@ fn serialize_rfc3339<S: Serializer>(unix: &i64, serializer: S) -> Result<S::Ok, 
 
 /// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ`, with Howard Hinnant's days-to-civil algorithm
 /// (exact for the proleptic Gregorian calendar) rather than a date-time dependency.
-fn rfc3339(unix: i64) -> String {
+pub fn rfc3339(unix: i64) -> String {
     // Clamped to years 0001..=9999: RFC 3339 has four-digit years, and the clamp keeps the
     // arithmetic below far from overflow whatever `created` a payload claimed.
     const MIN: i64 = -62_135_596_800; // 0001-01-01T00:00:00Z
