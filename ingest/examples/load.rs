@@ -18,14 +18,23 @@ async fn main() {
     let secret = args[2].clone();
     let requests: u64 = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(20_000);
     let concurrency: u64 = args.get(4).and_then(|a| a.parse().ok()).unwrap_or(64);
-    let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency as usize).build().unwrap();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency as usize)
+        .build()
+        .unwrap();
     let next = Arc::new(AtomicU64::new(0));
     let failures = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(120);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let (client, url, secret, next, failures) = (client.clone(), url.clone(), secret.clone(), next.clone(), failures.clone());
+        let (client, url, secret, next, failures) = (
+            client.clone(),
+            url.clone(),
+            secret.clone(),
+            next.clone(),
+            failures.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             loop {
@@ -63,7 +72,10 @@ async fn main() {
     }
     let elapsed = started.elapsed().as_secs_f64();
     latencies.sort();
-    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64() * 1000.0;
+    let pct = |p: f64| {
+        latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64()
+            * 1000.0
+    };
     println!(
         "ingest: {} requests, {} concurrent, {:.1}s: {:.0} req/s; latency ms p50 {:.1} p90 {:.1} p99 {:.1} max {:.1}; failures {}",
         latencies.len(),

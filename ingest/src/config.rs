@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use secrecy::SecretString;
+pub use shared::config::ConfigError;
+use shared::config::{err, num, topic};
 
 use crate::signature::DEFAULT_TOLERANCE_SECS;
 
@@ -30,21 +32,6 @@ pub struct Config {
     pub append_timeout: Duration,
 }
 
-/// A bad variable, named, with what was expected. Never carries a secret's value.
-#[derive(Debug, thiserror::Error)]
-#[error("{var}: {problem}")]
-pub struct ConfigError {
-    pub var: &'static str,
-    pub problem: String,
-}
-
-fn err(var: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError {
-        var,
-        problem: problem.into(),
-    }
-}
-
 impl Config {
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -61,7 +48,7 @@ impl Config {
             )
         })?;
         let webhook_secrets = parse_secrets(&secrets_raw)?;
-        let signature_tolerance_secs = parse_num(
+        let signature_tolerance_secs = num(
             get("SIGNATURE_TOLERANCE_SECS"),
             "SIGNATURE_TOLERANCE_SECS",
             DEFAULT_TOLERANCE_SECS,
@@ -72,7 +59,7 @@ impl Config {
                 "must be at least 1 (0 would disable replay protection)",
             ));
         }
-        let max_body_bytes: usize = parse_num(get("MAX_BODY_BYTES"), "MAX_BODY_BYTES", 1_048_576)?;
+        let max_body_bytes: usize = num(get("MAX_BODY_BYTES"), "MAX_BODY_BYTES", 1_048_576)?;
         if max_body_bytes == 0 {
             return Err(err("MAX_BODY_BYTES", "must be at least 1"));
         }
@@ -80,7 +67,7 @@ impl Config {
         let addr = addr
             .parse()
             .map_err(|_| err("INGEST_ADDR", format!("expected host:port, got `{addr}`")))?;
-        let events_partitions: i32 = parse_num(
+        let events_partitions: i32 = num(
             get("STRIPE_EVENTS_PARTITIONS"),
             "STRIPE_EVENTS_PARTITIONS",
             6,
@@ -88,8 +75,7 @@ impl Config {
         if events_partitions < 1 {
             return Err(err("STRIPE_EVENTS_PARTITIONS", "must be at least 1"));
         }
-        let append_timeout_ms: u64 =
-            parse_num(get("APPEND_TIMEOUT_MS"), "APPEND_TIMEOUT_MS", 10_000)?;
+        let append_timeout_ms: u64 = num(get("APPEND_TIMEOUT_MS"), "APPEND_TIMEOUT_MS", 10_000)?;
         if append_timeout_ms < 100 {
             return Err(err("APPEND_TIMEOUT_MS", "must be at least 100"));
         }
@@ -127,42 +113,6 @@ fn parse_secrets(raw: &str) -> Result<Vec<SecretString>, ConfigError> {
         secrets.push(SecretString::from(secret.to_owned()));
     }
     Ok(secrets)
-}
-
-fn parse_num<T: std::str::FromStr>(
-    value: Option<String>,
-    var: &'static str,
-    default: T,
-) -> Result<T, ConfigError> {
-    match value {
-        None => Ok(default),
-        Some(v) => v
-            .trim()
-            .parse()
-            .map_err(|_| err(var, format!("expected a non-negative integer, got `{v}`"))),
-    }
-}
-
-/// Kafka topic names: 1–249 characters of `[a-zA-Z0-9._-]`.
-pub fn topic(
-    value: Option<String>,
-    var: &'static str,
-    default: &str,
-) -> Result<String, ConfigError> {
-    let name = value.unwrap_or_else(|| default.to_owned());
-    let valid = !name.is_empty()
-        && name.len() <= 249
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
-    if valid {
-        Ok(name)
-    } else {
-        Err(err(
-            var,
-            format!("`{name}` is not a valid Kafka topic name"),
-        ))
-    }
 }
 
 #[cfg(test)]

@@ -14,8 +14,14 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
 use sqlx::{Connection, PgConnection};
 
-const STATUSES: &[&str] = &["trialing", "active", "active", "past_due", "active", "canceled"];
-const PRODUCTS: &[(&str, &str)] = &[("price_pro_month", "prod_pro"), ("price_team_month", "prod_team"), ("price_basic", "prod_basic")];
+const STATUSES: &[&str] = &[
+    "trialing", "active", "active", "past_due", "active", "canceled",
+];
+const PRODUCTS: &[(&str, &str)] = &[
+    ("price_pro_month", "prod_pro"),
+    ("price_team_month", "prod_team"),
+    ("price_basic", "prod_basic"),
+];
 
 #[tokio::main]
 async fn main() {
@@ -23,23 +29,34 @@ async fn main() {
     let events: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(100_000);
     let customers: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    let admin_url = std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://stripe:stripe@127.0.0.1:5432/stripe_pipeline".into());
+    let admin_url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://stripe:stripe@127.0.0.1:5432/stripe_pipeline".into());
     let run = format!("bench_{}", std::process::id());
     let topic = format!("{run}.events");
 
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", &brokers).create().unwrap();
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
     let new_topic = NewTopic::new(&topic, 6, TopicReplication::Fixed(1)).set("retention.ms", "-1");
-    admin.create_topics(&[new_topic], &AdminOptions::new()).await.unwrap();
+    admin
+        .create_topics(&[new_topic], &AdminOptions::new())
+        .await
+        .unwrap();
     let mut db = PgConnection::connect(&admin_url).await.unwrap();
-    sqlx::query(&format!("CREATE DATABASE {run}")).execute(&mut db).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {run}"))
+        .execute(&mut db)
+        .await
+        .unwrap();
     let database_url = format!("{}/{run}", &admin_url[..admin_url.rfind('/').unwrap()]);
 
     // Produce: each customer walks through statuses and plans, one event per step.
-    let producer: FutureProducer = shared::kafka::durable_producer_config(&brokers, Duration::from_secs(60))
-        .set("linger.ms", "20")
-        .set("batch.num.messages", "10000")
-        .create()
-        .unwrap();
+    let producer: FutureProducer =
+        shared::kafka::durable_producer_config(&brokers, Duration::from_secs(60))
+            .set("linger.ms", "20")
+            .set("batch.num.messages", "10000")
+            .create()
+            .unwrap();
     let produce_started = Instant::now();
     let base = 1_767_225_600i64;
     let mut deliveries = Vec::with_capacity(events as usize);
@@ -48,7 +65,11 @@ async fn main() {
         let step = i / customers;
         let status = STATUSES[(step as usize) % STATUSES.len()];
         let (price, product) = PRODUCTS[((step / 2) as usize + c as usize) % PRODUCTS.len()];
-        let event_type = if step == 0 { "customer.subscription.created" } else { "customer.subscription.updated" };
+        let event_type = if step == 0 {
+            "customer.subscription.created"
+        } else {
+            "customer.subscription.updated"
+        };
         let created = base + step as i64 * 3600;
         let body = format!(
             r#"{{"id":"evt_{run}_{i}","object":"event","api_version":"2025-03-31.basil","created":{created},"livemode":false,"pending_webhooks":1,"request":{{"id":null,"idempotency_key":null}},"type":"{event_type}","data":{{"object":{{"id":"sub_{c}","object":"subscription","customer":"cus_{c}","status":"{status}","cancel_at_period_end":false,"collection_method":"charge_automatically","currency":"usd","livemode":false,"metadata":{{}},"items":{{"object":"list","data":[{{"id":"si_{c}","object":"subscription_item","price":{{"id":"{price}","object":"price","product":"{product}","lookup_key":null,"recurring":{{"interval":"month"}}}},"quantity":1,"current_period_start":{created},"current_period_end":{end}}}],"has_more":false}}}}}}}}"#,
@@ -73,7 +94,8 @@ async fn main() {
 
     let mapping = std::env::temp_dir().join(format!("{run}.toml"));
     std::fs::write(&mapping, "[[grant]]\nproduct = \"prod_pro\"\nfeatures = [\"pro\", \"api\"]\n\n[[grant]]\nprice = \"price_team_month\"\nfeatures = [\"team\"]\n").unwrap();
-    let projector = std::env::var("PROJECTOR_BIN").unwrap_or_else(|_| "target/release/projector".into());
+    let projector =
+        std::env::var("PROJECTOR_BIN").unwrap_or_else(|_| "target/release/projector".into());
     let env = [
         ("KAFKA_BROKERS", brokers.clone()),
         ("DATABASE_URL", database_url.clone()),
@@ -87,7 +109,12 @@ async fn main() {
         ("RUST_LOG", "warn".into()),
     ];
     let started = Instant::now();
-    let mut child = Command::new(&projector).arg("run").envs(env.iter().cloned()).stdout(Stdio::null()).spawn().unwrap();
+    let mut child = Command::new(&projector)
+        .arg("run")
+        .envs(env.iter().cloned())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
     let mut db = loop {
         if let Ok(c) = PgConnection::connect(&database_url).await {
             break c;
@@ -97,29 +124,48 @@ async fn main() {
     let deadline = Instant::now() + Duration::from_secs(1800);
     let mut applied_at = None;
     loop {
-        let applied: i64 = sqlx::query_scalar("SELECT COALESCE(sum(next_offset), 0)::int8 FROM consumer_offsets")
-            .fetch_one(&mut db)
-            .await
-            .unwrap_or(0);
+        let applied: i64 =
+            sqlx::query_scalar("SELECT COALESCE(sum(next_offset), 0)::int8 FROM consumer_offsets")
+                .fetch_one(&mut db)
+                .await
+                .unwrap_or(0);
         if applied as u64 >= events && applied_at.is_none() {
             applied_at = Some(started.elapsed().as_secs_f64());
         }
-        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL").fetch_one(&mut db).await.unwrap_or(1);
+        let pending: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
+                .fetch_one(&mut db)
+                .await
+                .unwrap_or(1);
         if applied_at.is_some() && pending == 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "catch-up did not finish in 30 minutes");
+        assert!(
+            Instant::now() < deadline,
+            "catch-up did not finish in 30 minutes"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let published_secs = started.elapsed().as_secs_f64();
     let applied_secs = applied_at.unwrap();
-    let changes: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&mut db).await.unwrap();
+    let changes: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
 
     // Rebuild the same log while `run` keeps serving.
     let rebuild_started = Instant::now();
-    let output = Command::new(&projector).arg("rebuild").envs(env.iter().cloned()).output().unwrap();
+    let output = Command::new(&projector)
+        .arg("rebuild")
+        .envs(env.iter().cloned())
+        .output()
+        .unwrap();
     let rebuild_secs = rebuild_started.elapsed().as_secs_f64();
-    assert!(output.status.success(), "rebuild failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "rebuild failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let _ = child.kill();
     let _ = child.wait();
 
@@ -129,6 +175,12 @@ async fn main() {
         events as f64 / applied_secs
     );
     println!("projector rebuild: {events} events replayed and swapped in {rebuild_secs:.1}s ({:.0} events/s, whole command)", events as f64 / rebuild_secs);
-    println!("rebuild says: {}", String::from_utf8_lossy(&output.stdout).lines().last().unwrap_or(""));
+    println!(
+        "rebuild says: {}",
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .last()
+            .unwrap_or("")
+    );
     let _ = std::fs::remove_file(mapping);
 }

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use secrecy::SecretString;
+pub use shared::config::ConfigError;
+use shared::config::{err, num, topic};
 
 use crate::projection::EntitlementPolicy;
 
@@ -36,20 +38,6 @@ pub struct Config {
     pub batch_linger: Duration,
     /// `ENTITLEMENTS_PARTITIONS`: partitions of the change topic when the projector creates it.
     pub entitlements_partitions: i32,
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error("{var}: {problem}")]
-pub struct ConfigError {
-    pub var: &'static str,
-    pub problem: String,
-}
-
-fn err(var: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError {
-        var,
-        problem: problem.into(),
-    }
 }
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://stripe:stripe@127.0.0.1:5432/stripe_pipeline";
@@ -151,37 +139,6 @@ fn load_policy(path: &str) -> Result<EntitlementPolicy, ConfigError> {
         .map_err(|e| err("ENTITLEMENTS_CONFIG", format!("cannot read `{path}`: {e}")))?;
     EntitlementPolicy::from_toml_str(&text)
         .map_err(|e| err("ENTITLEMENTS_CONFIG", format!("`{path}`: {e}")))
-}
-
-fn num<T: std::str::FromStr>(
-    value: Option<String>,
-    var: &'static str,
-    default: T,
-) -> Result<T, ConfigError> {
-    match value {
-        None => Ok(default),
-        Some(v) => v
-            .trim()
-            .parse()
-            .map_err(|_| err(var, format!("expected a non-negative integer, got `{v}`"))),
-    }
-}
-
-fn topic(value: Option<String>, var: &'static str, default: &str) -> Result<String, ConfigError> {
-    let name = value.unwrap_or_else(|| default.to_owned());
-    let valid = !name.is_empty()
-        && name.len() <= 249
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
-    if valid {
-        Ok(name)
-    } else {
-        Err(err(
-            var,
-            format!("`{name}` is not a valid Kafka topic name"),
-        ))
-    }
 }
 
 #[cfg(test)]

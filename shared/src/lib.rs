@@ -3,6 +3,7 @@
 //! rendering and the entitlement change message. No I/O policy lives here.
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod envelope;
 pub mod kafka;
 pub mod metrics;
