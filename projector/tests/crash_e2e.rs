@@ -1,0 +1,518 @@
+//! Crash safety of `projector run` through both real binaries: a SIGKILL in the middle of
+//! consumption loses nothing and applies nothing twice, and SIGTERM is a clean stop.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{self, StreamExt};
+use serde_json::{json, Value};
+use sqlx::PgConnection;
+
+use common::events::*;
+use common::*;
+
+const CUSTOMERS: usize = 300;
+const T0: i64 = 1_767_225_600;
+const MONTH: i64 = 2_592_000;
+/// Webhook requests in flight at once per pipeline: ingest answers only after a durable
+/// append, so one request at a time would spend most of the test waiting for acks.
+const IN_FLIGHT: usize = 32;
+
+const PRO: Item<'static> = ("price_pro_month", "prod_pro", None);
+const TEAM: Item<'static> = ("price_team_month", "prod_team", None);
+const ENTERPRISE: Item<'static> = ("price_ent_year", "prod_ent", Some("enterprise"));
+const CONNECT_ACCOUNT: &str = "acct_crash";
+
+/// One customer of the workload: where the read API finds it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct CustomerRef {
+    account: Option<String>,
+    customer: String,
+}
+
+impl CustomerRef {
+    /// The key of the customer's change messages (SPEC §9).
+    fn message_key(&self) -> String {
+        match &self.account {
+            Some(account) => format!("{account}/{}", self.customer),
+            None => self.customer.clone(),
+        }
+    }
+
+    fn api_path(&self) -> String {
+        match &self.account {
+            Some(account) => format!(
+                "/v1/customers/{}/entitlements?account={account}",
+                self.customer
+            ),
+            None => format!("/v1/customers/{}/entitlements", self.customer),
+        }
+    }
+}
+
+struct Workload {
+    /// Webhook bodies in sending order, redeliveries included.
+    bodies: Vec<String>,
+    /// Distinct event ids among them.
+    event_ids: usize,
+    customers: Vec<CustomerRef>,
+}
+
+/// A few thousand events over `CUSTOMERS` customers: Checkout, subscriptions moving through
+/// statuses and items, invoices paid and failed, pauses, cancellations, Stripe entitlement
+/// summaries, one-time purchases, deleted customers, Connect customers, an ignored type, both
+/// API-version shapes, redeliveries, and a shuffled arrival order.
+fn workload() -> Workload {
+    let mut events: Vec<Event> = Vec::new();
+    let mut customers = Vec::new();
+    for i in 0..CUSTOMERS {
+        let c = format!("cus_crash_{i:03}");
+        let account = (i % 10 == 3).then_some(CONNECT_ACCOUNT);
+        customers.push(CustomerRef {
+            account: account.map(str::to_owned),
+            customer: c.clone(),
+        });
+        let basil = i % 2 == 0;
+        let t = T0 + i as i64 * 1_000;
+        let end = t + MONTH;
+        let sub_a = format!("sub_crash_{i:03}_a");
+        let sub_b = format!("sub_crash_{i:03}_b");
+        let in_1 = format!("in_crash_{i:03}_1");
+        let in_2 = format!("in_crash_{i:03}_2");
+        let sub = |id: &str, status: &str, items: &[Item<'_>]| {
+            subscription(id, &c, status, items, end, basil)
+        };
+        let mut mine = vec![
+            ("customer.created", t, customer(&c, false)),
+            (
+                "checkout.session.completed",
+                t + 5,
+                checkout_session(
+                    &format!("cs_crash_{i:03}"),
+                    &c,
+                    Some(&format!("user_{i:03}")),
+                    "subscription",
+                    "paid",
+                    Some(&sub_a),
+                    json!({}),
+                ),
+            ),
+            // Same second: the type rank, then the status rank, decide.
+            (
+                "customer.subscription.created",
+                t + 5,
+                sub(&sub_a, "incomplete", &[PRO]),
+            ),
+            (
+                "customer.subscription.updated",
+                t + 5,
+                sub(&sub_a, "active", &[PRO]),
+            ),
+            (
+                "invoice.paid",
+                t + 6,
+                invoice(&in_1, &c, &sub_a, "paid", 1, None, end, basil),
+            ),
+            (
+                "invoice.payment_failed",
+                t + 100,
+                invoice(&in_2, &c, &sub_a, "open", 1, Some(t + 300), end, basil),
+            ),
+            (
+                "customer.subscription.updated",
+                t + 100,
+                sub(&sub_a, "past_due", &[PRO]),
+            ),
+        ];
+        match i % 4 {
+            0 => mine.extend([
+                (
+                    "customer.subscription.updated",
+                    t + 200,
+                    sub(&sub_a, "active", &[PRO, TEAM]),
+                ),
+                (
+                    "invoice.paid",
+                    t + 200,
+                    invoice(&in_2, &c, &sub_a, "paid", 2, None, end, basil),
+                ),
+            ]),
+            1 => mine.extend([
+                (
+                    "customer.subscription.updated",
+                    t + 200,
+                    sub(&sub_a, "unpaid", &[PRO]),
+                ),
+                (
+                    "customer.subscription.deleted",
+                    t + 300,
+                    sub(&sub_a, "canceled", &[PRO]),
+                ),
+            ]),
+            2 => mine.extend([
+                (
+                    "customer.subscription.paused",
+                    t + 200,
+                    sub(&sub_a, "paused", &[PRO]),
+                ),
+                (
+                    "customer.subscription.resumed",
+                    t + 300,
+                    sub(&sub_a, "active", &[TEAM]),
+                ),
+            ]),
+            _ => mine.extend([
+                (
+                    "customer.subscription.updated",
+                    t + 200,
+                    with(
+                        sub(&sub_a, "active", &[PRO]),
+                        "cancel_at_period_end",
+                        json!(true),
+                    ),
+                ),
+                (
+                    "entitlements.active_entitlement_summary.updated",
+                    t + 250,
+                    entitlement_summary(&c, &["beta", "support"]),
+                ),
+            ]),
+        }
+        if i % 3 == 0 {
+            mine.push((
+                "customer.subscription.created",
+                t + 50,
+                sub(&sub_b, "trialing", &[ENTERPRISE]),
+            ));
+        }
+        if i % 7 == 0 {
+            mine.push((
+                "checkout.session.completed",
+                t + 400,
+                checkout_session(
+                    &format!("cs_crash_{i:03}_once"),
+                    &c,
+                    None,
+                    "payment",
+                    "paid",
+                    None,
+                    json!({"product": "prod_pro"}),
+                ),
+            ));
+        }
+        if i % 5 == 0 {
+            mine.push((
+                "payment_intent.created",
+                t + 7,
+                json!({"id": format!("pi_crash_{i:03}"), "object": "payment_intent",
+                       "customer": c, "amount": 2000, "currency": "usd", "livemode": false}),
+            ));
+        }
+        if i % 23 == 0 {
+            mine.push(("customer.deleted", t + 500, deleted_customer(&c, false)));
+        }
+        for (n, (event_type, created, object)) in mine.into_iter().enumerate() {
+            let mut event = Event::new(
+                &format!("evt_crash_{i:03}_{n:02}"),
+                event_type,
+                created,
+                object,
+            );
+            if !basil {
+                event = event.legacy_api();
+            }
+            if let Some(account) = account {
+                event = event.account(account);
+            }
+            events.push(event);
+        }
+    }
+    let event_ids = events.len();
+    let mut bodies: Vec<String> = events.iter().map(Event::body).collect();
+    // Stripe redelivers: every eleventh event arrives twice, as a new record.
+    let redeliveries: Vec<String> = bodies.iter().step_by(11).cloned().collect();
+    bodies.extend(redeliveries);
+    shuffle(&mut bodies, 0x5EED_CAFE_F00D_u64);
+    Workload {
+        bodies,
+        event_ids,
+        customers,
+    }
+}
+
+/// Fisher–Yates with xorshift64: the same "random" arrival order on every run.
+fn shuffle<T>(items: &mut [T], mut seed: u64) {
+    for i in (1..items.len()).rev() {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        items.swap(i, (seed % (i as u64 + 1)) as usize);
+    }
+}
+
+/// Signs and POSTs every body with `IN_FLIGHT` requests at a time; asserts each is a 200.
+async fn send_concurrently(client: &reqwest::Client, url: &str, bodies: &[String]) -> u64 {
+    let statuses: Vec<(u16, String)> = stream::iter(bodies)
+        .map(|body| async move {
+            let header = signature_header(SECRET, now(), body.as_bytes());
+            let response = client
+                .post(url)
+                .header("Stripe-Signature", header)
+                .body(body.clone())
+                .send()
+                .await
+                .expect("POST to ingest");
+            let status = response.status().as_u16();
+            (status, response.text().await.unwrap_or_default())
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .collect()
+        .await;
+    for (status, body) in &statuses {
+        assert_eq!(*status, 200, "ingest answered {status}: {body}");
+    }
+    statuses.len() as u64
+}
+
+async fn applied_records(db: &mut PgConnection, topic: &str) -> u64 {
+    let applied: Option<i64> =
+        sqlx::query_scalar("SELECT sum(next_offset)::int8 FROM consumer_offsets WHERE topic = $1")
+            .bind(topic)
+            .fetch_one(db)
+            .await
+            .unwrap();
+    applied.unwrap_or(0) as u64
+}
+
+/// Polls the stored offsets and SIGKILLs the projector once it has applied between 30 % and
+/// 80 % of `total` records; returns how many it had applied.
+async fn kill_projector_midway(pipeline: &mut Pipeline, total: u64) -> u64 {
+    let mut db = pipeline.db().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let applied = applied_records(&mut db, &pipeline.events_topic).await;
+        if applied * 10 >= total * 3 && applied * 5 <= total * 4 {
+            pipeline.projector.as_mut().unwrap().kill();
+            return applied;
+        }
+        assert!(
+            applied * 5 < total * 4,
+            "the projector applied {applied} of {total} records before it could be killed \
+             midway: lower BATCH_MAX_EVENTS"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the projector applied only {applied} of {total} records within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// The projection tables compared across runs, each ordered by its key. `entitlements` leaves
+/// out what depends on how events were batched: `version` counts changes, and `updated_at`
+/// (also inside `view`) is only rewritten together with a change.
+const PROJECTIONS: &[(&str, &str)] = &[
+    ("customers", "SELECT * FROM customers ORDER BY account, id"),
+    (
+        "subscriptions",
+        "SELECT * FROM subscriptions ORDER BY account, id",
+    ),
+    ("invoices", "SELECT * FROM invoices ORDER BY account, id"),
+    (
+        "checkout_sessions",
+        "SELECT * FROM checkout_sessions ORDER BY account, id",
+    ),
+    (
+        "entitlement_summaries",
+        "SELECT * FROM entitlement_summaries ORDER BY account, customer",
+    ),
+    (
+        "entitlements",
+        "SELECT account, customer, livemode, client_reference_id, features,
+                view - 'updated_at' AS view
+         FROM entitlements ORDER BY account, customer",
+    ),
+];
+
+fn assert_same_rows(table: &str, crashed: &[Value], uninterrupted: &[Value]) {
+    for (row, (a, b)) in crashed.iter().zip(uninterrupted).enumerate() {
+        assert_eq!(
+            a, b,
+            "{table} row {row} differs (left: crashed run, right: uninterrupted run)"
+        );
+    }
+    assert_eq!(
+        crashed.len(),
+        uninterrupted.len(),
+        "{table}: row counts differ (left: crashed run, right: uninterrupted run)"
+    );
+}
+
+/// Checks the change topic of one run: per key, versions 1..=N all present, a duplicate
+/// (key, version) only with an identical payload, and the last message in log order the
+/// newest. Returns that last message per key.
+fn last_change_per_key(changes: &[(Option<String>, Value)]) -> BTreeMap<String, Value> {
+    let mut versions: BTreeMap<String, BTreeMap<i64, &Value>> = BTreeMap::new();
+    let mut last: BTreeMap<String, Value> = BTreeMap::new();
+    for (key, message) in changes {
+        let key = key.clone().expect("change messages are keyed");
+        assert_eq!(message["type"], "entitlements.changed", "{message}");
+        let version = message["version"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("a version in {message}"));
+        let seen = versions.entry(key.clone()).or_default();
+        if let Some(earlier) = seen.insert(version, message) {
+            assert_eq!(
+                earlier, message,
+                "{key} version {version} was published twice with different payloads"
+            );
+        }
+        last.insert(key, message.clone());
+    }
+    for (key, seen) in &versions {
+        let newest = *seen.keys().next_back().unwrap();
+        let expected: Vec<i64> = (1..=newest).collect();
+        let present: Vec<i64> = seen.keys().copied().collect();
+        assert_eq!(present, expected, "versions of {key} have gaps");
+        assert_eq!(
+            last[key]["version"], newest,
+            "the last message of {key} in the topic is not its newest version, so the \
+             compacted topic would keep a stale state"
+        );
+    }
+    last
+}
+
+async fn count(pipeline: &Pipeline, sql: &str) -> i64 {
+    let mut db = pipeline.db().await;
+    sqlx::query_scalar(sql).fetch_one(&mut db).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_mid_consumption_then_restart_equals_an_uninterrupted_run() {
+    // Arrange: the same log for two pipelines; small batches make the crashed one's
+    // consumption long enough to be interrupted.
+    let workload = workload();
+    let total = workload.bodies.len() as u64;
+    let crashed_options = Options {
+        extra_env: vec![("BATCH_MAX_EVENTS".to_owned(), "50".to_owned())],
+        ..Options::default()
+    };
+    let (mut crashed, mut uninterrupted) = tokio::join!(
+        Pipeline::start(crashed_options),
+        Pipeline::start(Options::default())
+    );
+    let client = reqwest::Client::new();
+    let (crashed_url, uninterrupted_url) = (crashed.ingest_url(), uninterrupted.ingest_url());
+
+    // Act: SIGKILL the projector while it is consuming, restart it, let both settle.
+    let (sent_crashed, sent_uninterrupted, applied_at_kill) = tokio::join!(
+        send_concurrently(&client, &crashed_url, &workload.bodies),
+        send_concurrently(&client, &uninterrupted_url, &workload.bodies),
+        kill_projector_midway(&mut crashed, total),
+    );
+    eprintln!("SIGKILLed the projector after {applied_at_kill} of {total} records");
+    crashed.appended = sent_crashed;
+    uninterrupted.appended = sent_uninterrupted;
+    crashed.projector = None;
+    crashed.start_projector();
+    tokio::join!(crashed.settle(), uninterrupted.settle());
+
+    // Assert: identical projections.
+    assert!(applied_at_kill < total);
+    for (table, sql) in PROJECTIONS {
+        let (a, b) = tokio::join!(crashed.table(sql), uninterrupted.table(sql));
+        assert_same_rows(table, &a, &b);
+    }
+    assert_eq!(
+        crashed.table(PROJECTIONS[0].1).await.len(),
+        CUSTOMERS,
+        "every customer is projected"
+    );
+    for pipeline in [&crashed, &uninterrupted] {
+        assert_eq!(
+            count(pipeline, "SELECT count(*) FROM processed_events").await,
+            workload.event_ids as i64,
+            "each distinct event is applied exactly once"
+        );
+        assert_eq!(
+            count(pipeline, "SELECT count(*) FROM dead_letters").await,
+            0
+        );
+    }
+
+    // Assert: the crashed run's change topic has no gaps and ends on the API's state.
+    let changes = crashed.changes();
+    let last = last_change_per_key(&changes);
+    let expected_keys: BTreeSet<String> = workload
+        .customers
+        .iter()
+        .map(CustomerRef::message_key)
+        .collect();
+    assert_eq!(
+        last.keys().cloned().collect::<BTreeSet<_>>(),
+        expected_keys,
+        "every customer has change messages"
+    );
+    for customer in &workload.customers {
+        let (status, view) = crashed.get(&customer.api_path()).await;
+        assert_eq!(status, 200, "GET {}: {view}", customer.api_path());
+        let mut message = last[&customer.message_key()].clone();
+        for field in ["type", "added", "removed", "cause"] {
+            message.as_object_mut().unwrap().remove(field);
+        }
+        assert_eq!(
+            message,
+            view,
+            "the last change message of {} is not the API's object",
+            customer.message_key()
+        );
+    }
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_projector_cleanly_with_exit_code_0() {
+    // Arrange
+    let mut pipeline = Pipeline::start(Options::default()).await;
+    let t = T0;
+    pipeline
+        .send_all(&[
+            Event::new(
+                "evt_term_1",
+                "customer.created",
+                t,
+                customer("cus_term", false),
+            )
+            .body(),
+            Event::new(
+                "evt_term_2",
+                "customer.subscription.created",
+                t + 10,
+                subscription("sub_term", "cus_term", "active", &[PRO], t + MONTH, true),
+            )
+            .body(),
+        ])
+        .await;
+    pipeline.settle().await;
+
+    // Act
+    let status = pipeline.projector.as_mut().unwrap().terminate();
+
+    // Assert
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status after SIGTERM: {status}"
+    );
+    assert_eq!(
+        count(
+            &pipeline,
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL"
+        )
+        .await,
+        0,
+        "a clean stop leaves no change message unpublished"
+    );
+}
