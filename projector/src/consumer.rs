@@ -236,8 +236,8 @@ impl ConsumeLoop {
         for (event_type, n) in &outcome.events_by_type {
             self.metrics.events.add(event_type, *n);
         }
-        if outcome.ignored > 0 {
-            self.metrics.ignored.add("all", outcome.ignored);
+        for (event_type, n) in &outcome.ignored {
+            self.metrics.ignored.add(event_type, *n);
         }
         if outcome.duplicates > 0 {
             self.metrics.duplicates.add("event_id", outcome.duplicates);

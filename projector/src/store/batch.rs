@@ -68,8 +68,8 @@ pub struct BatchContext<'a> {
 pub struct BatchOutcome {
     /// New events by type (handled or not).
     pub events_by_type: BTreeMap<String, u64>,
-    /// New events whose type the projection ignores.
-    pub ignored: u64,
+    /// New events whose type the projection ignores, by type.
+    pub ignored: BTreeMap<String, u64>,
     /// Records skipped because their event id was applied before.
     pub duplicates: u64,
     /// Records below the stored offset (re-deliveries after a rebalance or restart).
@@ -222,7 +222,7 @@ pub async fn apply_batch(
             .or_default() += 1;
         outcome.applied_ids.push(event.event_id.clone());
         if event.snapshot.is_none() {
-            outcome.ignored += 1;
+            *outcome.ignored.entry(event.event_type.clone()).or_default() += 1;
             continue;
         }
         if let Some(customer) = &event.customer {
@@ -670,7 +670,15 @@ async fn write_entitlement_changes(
         let view: EntitlementView = compute(state, ctx.policy);
         let value = serde_json::to_value(&view).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
         let (version, old_features) = match stored.get(key) {
-            Some((_, old_view, _)) if same_entitlements(old_view, &value) => continue,
+            // Only `updated_at` moved (an invoice, a profile update): the stored object follows
+            // so that it depends on the events alone, not on how they were batched, but no
+            // version and no message, since nothing downstream acts on changed.
+            Some((version, old_view, _)) if same_entitlements(old_view, &value) => {
+                if *old_view != value {
+                    upsert.push(key, &view, *version, value.to_string());
+                }
+                continue;
+            }
             Some((version, _, features)) => (version + 1, features.clone()),
             None => (1, Vec::new()),
         };
@@ -712,8 +720,8 @@ async fn write_entitlement_changes(
         }
         upsert.push(key, &view, version, value.to_string());
     }
-    let changes = upsert.customer.len() as u64;
-    if changes > 0 {
+    let changes = outbox.len() as u64;
+    if !upsert.customer.is_empty() {
         sqlx::query(
             "INSERT INTO entitlements (account, customer, livemode, client_reference_id, features, version, view, updated_at)
              SELECT account, customer, livemode, client_reference_id,
@@ -789,6 +797,10 @@ pub(crate) struct OutboxRows {
 }
 
 impl OutboxRows {
+    pub(crate) fn len(&self) -> usize {
+        self.topic.len()
+    }
+
     pub(crate) fn push(
         &mut self,
         topic: &str,
