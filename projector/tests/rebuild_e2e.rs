@@ -1,0 +1,1317 @@
+//! `projector rebuild` and `projector history` through both real binaries against the local
+//! Kafka and Postgres (SPEC §10, DESIGN-NOTES "Rebuild without downtime"): a rebuild while
+//! `projector run` is live reproduces the live projections, keeps up with events arriving
+//! meanwhile, repairs a corrupted row with one message, applies a changed mapping to exactly the
+//! customers it affects; `history` replays one customer's timeline from the log.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{self, StreamExt};
+use serde_json::{json, Value};
+
+use common::events::*;
+use common::*;
+
+/// 2026-01-01T00:00:00Z.
+const T0: i64 = 1_767_225_600;
+const DAY: i64 = 86_400;
+const MONTH: i64 = 2_592_000;
+/// Webhook requests in flight at once: ingest answers after a durable append, so sending one at
+/// a time would spend the test waiting for acks.
+const IN_FLIGHT: usize = 16;
+
+const PRO: Item<'static> = ("price_pro_month", "prod_pro", None);
+const TEAM: Item<'static> = ("price_team_month", "prod_team", None);
+const ENTERPRISE: Item<'static> = ("price_ent_year", "prod_ent", Some("enterprise"));
+const CONNECT_ACCOUNT: &str = "acct_rebuild";
+
+/// Every projection table, each ordered by its key, so two snapshots compare row by row.
+const PROJECTIONS: &[(&str, &str)] = &[
+    ("customers", "SELECT * FROM customers ORDER BY account, id"),
+    (
+        "subscriptions",
+        "SELECT * FROM subscriptions ORDER BY account, id",
+    ),
+    ("invoices", "SELECT * FROM invoices ORDER BY account, id"),
+    (
+        "checkout_sessions",
+        "SELECT * FROM checkout_sessions ORDER BY account, id",
+    ),
+    (
+        "entitlement_summaries",
+        "SELECT * FROM entitlement_summaries ORDER BY account, customer",
+    ),
+    (
+        "entitlements",
+        "SELECT * FROM entitlements ORDER BY account, customer",
+    ),
+];
+
+// ---------------------------------------------------------------------------------------------
+// The scenario set
+// ---------------------------------------------------------------------------------------------
+
+/// A customer of the scenario set and the features the SPEC §7 mapping gives them at the end.
+struct Expected {
+    account: Option<&'static str>,
+    customer: &'static str,
+    features: &'static [&'static str],
+}
+
+impl Expected {
+    fn key(&self) -> String {
+        message_key(self.account, self.customer)
+    }
+}
+
+fn message_key(account: Option<&str>, customer: &str) -> String {
+    match account {
+        Some(account) => format!("{account}/{customer}"),
+        None => customer.to_owned(),
+    }
+}
+
+/// Several customers through the lifecycles SPEC §6 handles, with a redelivery, an ignored
+/// event type and out-of-order arrivals.
+fn scenario() -> (Vec<Event>, Vec<Expected>) {
+    let sub = |id: &str, customer: &str, status: &str, items: &[Item<'_>]| {
+        subscription(id, customer, status, items, T0 + MONTH, true)
+    };
+    let mut events = vec![
+        // Checkout → trial → active → paid.
+        Event::new(
+            "evt_trial_1",
+            "customer.created",
+            T0,
+            customer("cus_trial", false),
+        ),
+        Event::new(
+            "evt_trial_2",
+            "checkout.session.completed",
+            T0 + 10,
+            checkout_session(
+                "cs_trial",
+                "cus_trial",
+                Some("user_trial"),
+                "subscription",
+                "paid",
+                Some("sub_trial"),
+                json!({}),
+            ),
+        ),
+        Event::new(
+            "evt_trial_3",
+            "customer.subscription.created",
+            T0 + 10,
+            sub("sub_trial", "cus_trial", "trialing", &[PRO]),
+        ),
+        Event::new(
+            "evt_trial_4",
+            "customer.subscription.updated",
+            T0 + 14 * DAY,
+            sub("sub_trial", "cus_trial", "active", &[PRO]),
+        ),
+        Event::new(
+            "evt_trial_5",
+            "invoice.paid",
+            T0 + 14 * DAY,
+            invoice(
+                "in_trial",
+                "cus_trial",
+                "sub_trial",
+                "paid",
+                1,
+                None,
+                T0 + 14 * DAY + MONTH,
+                true,
+            ),
+        ),
+        // Dunning: a failed payment, past_due keeps access under the default policy.
+        Event::new(
+            "evt_dunning_1",
+            "customer.subscription.created",
+            T0,
+            sub("sub_dunning", "cus_dunning", "active", &[TEAM]),
+        ),
+        Event::new(
+            "evt_dunning_2",
+            "invoice.payment_failed",
+            T0 + MONTH,
+            invoice(
+                "in_dunning",
+                "cus_dunning",
+                "sub_dunning",
+                "open",
+                1,
+                Some(T0 + MONTH + 3 * DAY),
+                T0 + 2 * MONTH,
+                true,
+            ),
+        ),
+        Event::new(
+            "evt_dunning_3",
+            "customer.subscription.updated",
+            T0 + MONTH,
+            sub("sub_dunning", "cus_dunning", "past_due", &[TEAM]),
+        ),
+        // Canceled, delivered before its creation.
+        Event::new(
+            "evt_cancel_2",
+            "customer.subscription.deleted",
+            T0 + 20 * DAY,
+            sub("sub_cancel", "cus_cancel", "canceled", &[PRO]),
+        ),
+        Event::new(
+            "evt_cancel_1",
+            "customer.subscription.created",
+            T0,
+            sub("sub_cancel", "cus_cancel", "active", &[PRO]),
+        ),
+        // Paused, then resumed.
+        Event::new(
+            "evt_pause_1",
+            "customer.subscription.created",
+            T0,
+            sub("sub_pause", "cus_pause", "active", &[PRO]),
+        ),
+        Event::new(
+            "evt_pause_2",
+            "customer.subscription.paused",
+            T0 + 5 * DAY,
+            sub("sub_pause", "cus_pause", "paused", &[PRO]),
+        ),
+        Event::new(
+            "evt_pause_3",
+            "customer.subscription.resumed",
+            T0 + 9 * DAY,
+            sub("sub_pause", "cus_pause", "active", &[PRO]),
+        ),
+        // A one-time purchase, named by its metadata.
+        Event::new(
+            "evt_once_1",
+            "customer.created",
+            T0,
+            customer("cus_once", false),
+        ),
+        Event::new(
+            "evt_once_2",
+            "checkout.session.completed",
+            T0 + 60,
+            checkout_session(
+                "cs_once",
+                "cus_once",
+                Some("user_once"),
+                "payment",
+                "paid",
+                None,
+                json!({"product": "prod_pro"}),
+            ),
+        ),
+        // Kept in the log and ignored.
+        Event::new(
+            "evt_once_3",
+            "charge.succeeded",
+            T0 + 61,
+            json!({"id": "ch_once", "object": "charge", "customer": "cus_once", "amount": 2000,
+                   "livemode": false}),
+        ),
+        // Stripe's own entitlement summary.
+        Event::new(
+            "evt_summary_1",
+            "entitlements.active_entitlement_summary.updated",
+            T0 + DAY,
+            entitlement_summary("cus_summary", &["beta", "priority_support"]),
+        ),
+        // A Connect account's customer, and the platform's customer of the same id.
+        Event::new(
+            "evt_connect_1",
+            "customer.created",
+            T0,
+            customer("cus_connect", false),
+        )
+        .account(CONNECT_ACCOUNT),
+        Event::new(
+            "evt_connect_2",
+            "customer.subscription.created",
+            T0 + 30,
+            sub("sub_connect", "cus_connect", "active", &[ENTERPRISE]),
+        )
+        .account(CONNECT_ACCOUNT),
+        Event::new(
+            "evt_connect_3",
+            "customer.created",
+            T0,
+            customer("cus_connect", false),
+        ),
+        // Deleted: revokes everything.
+        Event::new(
+            "evt_gone_1",
+            "customer.subscription.created",
+            T0,
+            sub("sub_gone", "cus_gone", "active", &[PRO]),
+        ),
+        Event::new(
+            "evt_gone_2",
+            "customer.deleted",
+            T0 + 15 * DAY,
+            deleted_customer("cus_gone", false),
+        ),
+        // The pre-basil shape, with two items.
+        Event::new(
+            "evt_legacy_1",
+            "customer.subscription.created",
+            T0,
+            subscription(
+                "sub_legacy",
+                "cus_legacy",
+                "active",
+                &[PRO, TEAM],
+                T0 + MONTH,
+                false,
+            ),
+        )
+        .legacy_api(),
+    ];
+    // Stripe redelivers.
+    let redelivered = events[3].clone();
+    events.push(redelivered);
+    let expected = vec![
+        Expected {
+            account: None,
+            customer: "cus_trial",
+            features: &["api", "pro"],
+        },
+        Expected {
+            account: None,
+            customer: "cus_dunning",
+            features: &["team"],
+        },
+        Expected {
+            account: None,
+            customer: "cus_cancel",
+            features: &[],
+        },
+        Expected {
+            account: None,
+            customer: "cus_pause",
+            features: &["api", "pro"],
+        },
+        Expected {
+            account: None,
+            customer: "cus_once",
+            features: &["api", "pro"],
+        },
+        Expected {
+            account: None,
+            customer: "cus_summary",
+            features: &["beta", "priority_support"],
+        },
+        Expected {
+            account: Some(CONNECT_ACCOUNT),
+            customer: "cus_connect",
+            features: &["audit", "sso"],
+        },
+        Expected {
+            account: None,
+            customer: "cus_connect",
+            features: &[],
+        },
+        Expected {
+            account: None,
+            customer: "cus_gone",
+            features: &[],
+        },
+        Expected {
+            account: None,
+            customer: "cus_legacy",
+            features: &["api", "pro", "team"],
+        },
+    ];
+    (events, expected)
+}
+
+fn bodies(events: &[Event]) -> Vec<String> {
+    events.iter().map(Event::body).collect()
+}
+
+fn distinct_ids(bodies: &[String]) -> usize {
+    bodies
+        .iter()
+        .map(|b| serde_json::from_str::<Value>(b).unwrap()["id"].to_string())
+        .collect::<HashSet<_>>()
+        .len()
+}
+
+/// Sends the scenario set, waits until it is applied and checks it did what the scenario says.
+async fn run_scenario(pipeline: &mut Pipeline) -> Vec<Expected> {
+    let (events, expected) = scenario();
+    pipeline.send_all(&bodies(&events)).await;
+    pipeline.settle().await;
+    for e in &expected {
+        let view = pipeline.entitlements(e.customer, e.account).await;
+        assert_eq!(
+            view["features"],
+            json!(e.features),
+            "scenario: features of {}",
+            e.key()
+        );
+    }
+    expected
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// A subcommand run longer than this is taken to hang (a rebuild waiting forever on the lock).
+const COMMAND_DEADLINE: Duration = Duration::from_secs(60);
+
+/// `projector <args>` with the pipeline's environment.
+fn projector(pipeline: &Pipeline, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_projector"));
+    command
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(pipeline.projector_env());
+    command
+}
+
+/// Runs `command` to completion; SIGKILLs it and fails the test after `COMMAND_DEADLINE`.
+fn output_within_deadline(mut command: Command) -> Output {
+    let child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start projector");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(COMMAND_DEADLINE) {
+        Ok(output) => output.expect("wait for projector"),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            let stderr = rx
+                .recv_timeout(Duration::from_secs(5))
+                .ok()
+                .and_then(Result::ok)
+                .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+                .unwrap_or_default();
+            panic!("{command:?} did not finish within {COMMAND_DEADLINE:?}; stderr:\n{stderr}");
+        }
+    }
+}
+
+/// Checks that a `projector` subcommand succeeded and returns its stdout.
+fn succeeded(what: &str, output: &Output) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "projector {what} failed ({}):\nstdout:\n{stdout}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// Runs `projector rebuild [args]` to completion; prints its summary (the rebuild rate) and
+/// returns (the per-customer difference lines, the summary line).
+fn rebuild(pipeline: &Pipeline, args: &[&str]) -> (Vec<String>, String) {
+    let mut command = vec!["rebuild"];
+    command.extend(args);
+    let started = Instant::now();
+    let output = output_within_deadline(projector(pipeline, &command));
+    let stdout = succeeded(&command.join(" "), &output);
+    split_rebuild_output(&command.join(" "), &stdout, started.elapsed())
+}
+
+fn split_rebuild_output(what: &str, stdout: &str, took: Duration) -> (Vec<String>, String) {
+    let mut lines: Vec<String> = stdout.lines().map(str::to_owned).collect();
+    let summary = lines
+        .pop()
+        .unwrap_or_else(|| panic!("projector {what} printed nothing"));
+    println!(
+        "projector {what}: {summary}  [process wall time {:.2}s]",
+        took.as_secs_f64()
+    );
+    (lines, summary)
+}
+
+/// Every projection table's rows.
+async fn projections(pipeline: &Pipeline) -> BTreeMap<&'static str, Vec<Value>> {
+    let mut tables = BTreeMap::new();
+    for (table, sql) in PROJECTIONS {
+        tables.insert(*table, pipeline.table(sql).await);
+    }
+    tables
+}
+
+/// What does not depend on how the events were batched: an entitlement row's `version` counts
+/// changes, and `updated_at` (also inside `view`) is only rewritten together with a change.
+fn batching_independent(
+    mut tables: BTreeMap<&'static str, Vec<Value>>,
+) -> BTreeMap<&'static str, Vec<Value>> {
+    for row in tables.get_mut("entitlements").into_iter().flatten() {
+        let row = row.as_object_mut().unwrap();
+        row.remove("version");
+        row.remove("updated_at");
+        row["view"].as_object_mut().unwrap().remove("updated_at");
+    }
+    tables
+}
+
+fn assert_same_projections(
+    context: &str,
+    left: &BTreeMap<&'static str, Vec<Value>>,
+    right: &BTreeMap<&'static str, Vec<Value>>,
+) {
+    for (table, _) in PROJECTIONS {
+        let (a, b) = (&left[table], &right[table]);
+        for (row, (a, b)) in a.iter().zip(b).enumerate() {
+            assert_eq!(a, b, "{context}: {table} row {row} differs");
+        }
+        assert_eq!(
+            a.len(),
+            b.len(),
+            "{context}: {table} has {} rows on the left, {} on the right",
+            a.len(),
+            b.len()
+        );
+    }
+}
+
+/// The entitlement rows by message key (`account/customer` or `customer`).
+fn entitlements_by_key(tables: &BTreeMap<&'static str, Vec<Value>>) -> BTreeMap<String, Value> {
+    tables["entitlements"]
+        .iter()
+        .map(|row| {
+            let account = row["account"].as_str().unwrap();
+            let customer = row["customer"].as_str().unwrap();
+            (
+                message_key((!account.is_empty()).then_some(account), customer),
+                row.clone(),
+            )
+        })
+        .collect()
+}
+
+/// The change messages in `after` that were not in `before`, as (key, message). The topic has
+/// several partitions, so a read returns them grouped by partition, not in publishing order.
+fn new_changes(
+    before: &[(Option<String>, Value)],
+    after: &[(Option<String>, Value)],
+) -> Vec<(String, Value)> {
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for (key, message) in before {
+        *seen.entry(format!("{key:?} {message}")).or_default() += 1;
+    }
+    let mut new = Vec::new();
+    for (key, message) in after {
+        match seen.get_mut(&format!("{key:?} {message}")) {
+            Some(n) if *n > 0 => *n -= 1,
+            _ => new.push((
+                key.clone().expect("change messages are keyed"),
+                message.clone(),
+            )),
+        }
+    }
+    new
+}
+
+async fn count(pipeline: &Pipeline, sql: &str) -> i64 {
+    let mut db = pipeline.db().await;
+    sqlx::query_scalar(sql).fetch_one(&mut db).await.unwrap()
+}
+
+async fn post_signed(client: &reqwest::Client, url: &str, body: &str) {
+    let header = signature_header(SECRET, now(), body.as_bytes());
+    let response = client
+        .post(url)
+        .header("Stripe-Signature", header)
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("POST to ingest");
+    let status = response.status();
+    assert_eq!(
+        status,
+        200,
+        "ingest answered {status}: {}",
+        response.text().await.unwrap_or_default()
+    );
+}
+
+/// Signs and POSTs every body, `IN_FLIGHT` at a time, without counting them in `appended`.
+async fn post_concurrently(client: &reqwest::Client, url: &str, bodies: &[String]) {
+    stream::iter(bodies)
+        .for_each_concurrent(IN_FLIGHT, |body| post_signed(client, url, body))
+        .await;
+}
+
+/// Sends every body concurrently and counts it as appended.
+async fn send_concurrently(pipeline: &mut Pipeline, bodies: &[String]) {
+    post_concurrently(&pipeline.client, &pipeline.ingest_url(), bodies).await;
+    pipeline.appended += bodies.len() as u64;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rebuild equals live
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn rebuild_while_live_reproduces_every_projection_and_publishes_nothing() {
+    // Arrange: the scenario set applied live.
+    let mut pipeline = Pipeline::start(Options::default()).await;
+    let expected = run_scenario(&mut pipeline).await;
+    let before = projections(&pipeline).await;
+    let processed_before = count(&pipeline, "SELECT count(*) FROM processed_events").await;
+    let messages_before = pipeline.changes();
+    let mut views_before = Vec::new();
+    for e in &expected {
+        views_before.push(pipeline.entitlements(e.customer, e.account).await);
+    }
+
+    // Act: rebuild from offset 0 while `projector run` keeps serving.
+    let (differences, summary) = rebuild(&pipeline, &[]);
+    pipeline.settle().await;
+
+    // Assert: identical tables (entitlements to the last column: version and updated_at
+    // included), the same API answers, and nothing published.
+    assert!(
+        differences.is_empty(),
+        "rebuild reported differences: {differences:?}"
+    );
+    assert!(
+        summary.starts_with("rebuilt:") && summary.contains(" 0 customers changed"),
+        "{summary}"
+    );
+    let after = projections(&pipeline).await;
+    assert_same_projections("live (left) vs rebuilt (right)", &before, &after);
+    assert_eq!(
+        count(&pipeline, "SELECT count(*) FROM processed_events").await,
+        processed_before
+    );
+    for (e, view) in expected.iter().zip(&views_before) {
+        assert_eq!(
+            &pipeline.entitlements(e.customer, e.account).await,
+            view,
+            "API object of {} after the rebuild",
+            e.key()
+        );
+    }
+    assert_eq!(
+        new_changes(&messages_before, &pipeline.changes()),
+        vec![],
+        "a rebuild without differences published change messages"
+    );
+    // Live processing carries on on the swapped tables.
+    pipeline
+        .send(
+            &Event::new(
+                "evt_after_rebuild",
+                "customer.subscription.updated",
+                T0 + 2 * MONTH,
+                subscription(
+                    "sub_trial",
+                    "cus_trial",
+                    "unpaid",
+                    &[PRO],
+                    T0 + 2 * MONTH,
+                    true,
+                ),
+            )
+            .body(),
+        )
+        .await;
+    pipeline.settle().await;
+    let view = pipeline.entitlements("cus_trial", None).await;
+    assert_eq!(view["features"], json!([]));
+    assert_eq!(
+        view["version"],
+        views_before[0]["version"].as_i64().unwrap() + 1
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rebuild under load
+// ---------------------------------------------------------------------------------------------
+
+/// Fewest load events, and the most: the sender keeps going until the rebuild has finished.
+const LOAD_MIN: usize = 300;
+const LOAD_MAX: usize = 3000;
+const LOAD_CHUNK: usize = 20;
+/// Customers in the log before the load starts, so the rebuild has something to catch up on.
+const PRELOAD: usize = 400;
+
+/// The load event of customer `i`: each one creates a distinct customer; every tenth is
+/// redelivered.
+fn load_bodies(i: usize) -> Vec<String> {
+    let customer_id = format!("cus_load_{i}");
+    let event_id = format!("evt_load_{i}");
+    let created = T0 + 3 * MONTH + i as i64;
+    let event = match i % 3 {
+        0 => Event::new(
+            &event_id,
+            "customer.subscription.created",
+            created,
+            subscription(
+                &format!("sub_load_{i}"),
+                &customer_id,
+                "active",
+                &[PRO],
+                created + MONTH,
+                true,
+            ),
+        ),
+        1 => Event::new(
+            &event_id,
+            "customer.created",
+            created,
+            customer(&customer_id, false),
+        ),
+        _ => Event::new(
+            &event_id,
+            "checkout.session.completed",
+            created,
+            checkout_session(
+                &format!("cs_load_{i}"),
+                &customer_id,
+                Some(&format!("user_load_{i}")),
+                "payment",
+                "paid",
+                None,
+                json!({"price": "price_team_month"}),
+            ),
+        ),
+    };
+    let body = event.body();
+    if i.is_multiple_of(10) {
+        vec![body.clone(), body]
+    } else {
+        vec![body]
+    }
+}
+
+fn load_features(i: usize) -> Value {
+    match i % 3 {
+        0 => json!(["api", "pro"]),
+        1 => json!([]),
+        _ => json!(["team"]),
+    }
+}
+
+/// Sends load chunks until the rebuild is done and at least `LOAD_MIN` customers were sent;
+/// returns the bodies sent and how many customers they were.
+async fn send_load(
+    client: reqwest::Client,
+    url: String,
+    sent: Arc<AtomicU64>,
+    rebuild_done: Arc<AtomicBool>,
+) -> (Vec<String>, usize) {
+    let mut all = Vec::new();
+    let mut customers = 0;
+    while customers < LOAD_MAX && !(customers >= LOAD_MIN && rebuild_done.load(Ordering::SeqCst)) {
+        let chunk: Vec<String> = (customers..customers + LOAD_CHUNK)
+            .flat_map(load_bodies)
+            .collect();
+        stream::iter(&chunk)
+            .for_each_concurrent(IN_FLIGHT, |body| {
+                let (client, url, sent) = (&client, &url, &sent);
+                async move {
+                    post_signed(client, url, body).await;
+                    sent.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+            .await;
+        customers += LOAD_CHUNK;
+        all.extend(chunk);
+    }
+    (all, customers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rebuild_under_load_reflects_every_event_exactly_once() {
+    // Arrange: the scenario set and some preloaded customers, applied live.
+    let mut pipeline = Pipeline::start(Options::default()).await;
+    let (events, _) = scenario();
+    let mut log = bodies(&events);
+    log.extend((0..PRELOAD).map(|i| {
+        Event::new(
+            &format!("evt_pre_{i}"),
+            "customer.created",
+            T0 + i as i64,
+            customer(&format!("cus_pre_{i}"), false),
+        )
+        .body()
+    }));
+    send_concurrently(&mut pipeline, &log).await;
+    pipeline.settle().await;
+    let messages_before = pipeline.changes();
+
+    // Act: load through ingest, and a rebuild once the load is flowing.
+    let sent = Arc::new(AtomicU64::new(0));
+    let rebuild_done = Arc::new(AtomicBool::new(false));
+    let sender = tokio::spawn(send_load(
+        pipeline.client.clone(),
+        pipeline.ingest_url(),
+        sent.clone(),
+        rebuild_done.clone(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sent.load(Ordering::SeqCst) < 50 {
+        assert!(Instant::now() < deadline, "the load did not start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let command = projector(&pipeline, &["rebuild"]);
+    let rebuild_run = tokio::task::spawn_blocking({
+        let (sent, rebuild_done) = (sent.clone(), rebuild_done.clone());
+        move || {
+            let at_start = sent.load(Ordering::SeqCst);
+            let started = Instant::now();
+            let output = output_within_deadline(command);
+            let took = started.elapsed();
+            let at_end = sent.load(Ordering::SeqCst);
+            rebuild_done.store(true, Ordering::SeqCst);
+            (output, at_start, at_end, took)
+        }
+    });
+    let (output, at_start, at_end, took) = rebuild_run.await.unwrap();
+    let (load, load_customers) = sender.await.unwrap();
+    let stdout = succeeded("rebuild", &output);
+    let (differences, _) = split_rebuild_output("rebuild (under load)", &stdout, took);
+    println!(
+        "rebuild under load: {} load records, {} of them accepted by ingest while the rebuild ran",
+        load.len(),
+        at_end - at_start
+    );
+    assert!(
+        at_end > at_start,
+        "no load event arrived while the rebuild ran: the test did not test anything"
+    );
+    pipeline.appended += load.len() as u64;
+    pipeline.settle().await;
+
+    // Assert: every load customer is served, once.
+    let customers: Vec<usize> = (0..load_customers).collect();
+    let served = &pipeline;
+    let failures: Vec<String> = stream::iter(&customers)
+        .map(|&i| async move {
+            let (status, body) = served
+                .get(&format!("/v1/customers/cus_load_{i}/entitlements"))
+                .await;
+            let ok = status == 200 && body["features"] == load_features(i) && body["version"] == 1;
+            (!ok).then(|| format!("cus_load_{i}: {status} {body}"))
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .filter_map(|failure| async move { failure })
+        .collect()
+        .await;
+    assert!(
+        failures.is_empty(),
+        "{} load customers are not served as sent, e.g. {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    let all_bodies: Vec<String> = log.iter().chain(&load).cloned().collect();
+    assert_eq!(
+        count(&pipeline, "SELECT count(*) FROM processed_events").await as usize,
+        distinct_ids(&all_bodies),
+        "processed_events must hold every distinct event id once"
+    );
+    let new_messages = new_changes(&messages_before, &pipeline.changes());
+    let mut per_load_customer: BTreeMap<&str, Vec<&Value>> = BTreeMap::new();
+    for (key, message) in &new_messages {
+        assert!(
+            key.starts_with("cus_load_"),
+            "a message for {key}, which the load did not touch: {message}"
+        );
+        per_load_customer.entry(key).or_default().push(message);
+    }
+    assert_eq!(
+        per_load_customer.len(),
+        load_customers,
+        "one message per load customer"
+    );
+    for (key, messages) in &per_load_customer {
+        assert_eq!(
+            messages.len(),
+            1,
+            "{key} was announced more than once: {messages:?}"
+        );
+        assert_eq!(messages[0]["version"], 1, "{key}: {}", messages[0]);
+    }
+    let by_rebuild = new_messages
+        .iter()
+        .filter(|(_, m)| m["cause"]["event_type"] == "projector.rebuild")
+        .count();
+    println!(
+        "rebuild under load: {by_rebuild} load customers announced by the swap, {} by live batches \
+         ({} difference lines)",
+        new_messages.len() - by_rebuild,
+        differences.len()
+    );
+    assert_eq!(
+        by_rebuild,
+        differences.len(),
+        "the swap announces exactly the differences it reported"
+    );
+
+    // The same log, applied by a fresh pipeline without a rebuild, gives the same projections.
+    let mut fresh = Pipeline::start(Options::default()).await;
+    send_concurrently(&mut fresh, &all_bodies).await;
+    fresh.settle().await;
+    assert_same_projections(
+        "rebuilt under load (left) vs never rebuilt (right)",
+        &batching_independent(projections(&pipeline).await),
+        &batching_independent(projections(&fresh).await),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Repair
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn rebuild_repairs_a_corrupted_row_with_one_message_and_dry_run_only_reports_it() {
+    // Arrange: the scenario set, then one entitlement row corrupted by hand.
+    let mut pipeline = Pipeline::start(Options::default()).await;
+    run_scenario(&mut pipeline).await;
+    let healthy = entitlements_by_key(&projections(&pipeline).await);
+    let version = healthy["cus_trial"]["version"].as_i64().unwrap();
+    let mut db = pipeline.db().await;
+    let corrupted = sqlx::query(
+        "UPDATE entitlements SET features = '{}', view = jsonb_set(view, '{features}', '[]')
+         WHERE account = '' AND customer = 'cus_trial'",
+    )
+    .execute(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(corrupted.rows_affected(), 1);
+    let corrupt = entitlements_by_key(&projections(&pipeline).await);
+    let messages_before = pipeline.changes();
+
+    // Act 1: a dry run.
+    let (differences, summary) = rebuild(&pipeline, &["--dry-run"]);
+
+    // Assert 1: exactly that customer reported, nothing swapped, nothing published.
+    assert_eq!(differences.len(), 1, "{differences:?}");
+    assert!(
+        differences[0].starts_with("cus_trial: ")
+            && differences[0].contains(r#"features [] -> ["api","pro"]"#),
+        "{}",
+        differences[0]
+    );
+    assert!(
+        summary.starts_with("dry run:") && summary.contains(" 1 customers would change"),
+        "{summary}"
+    );
+    pipeline.settle().await;
+    assert_eq!(
+        entitlements_by_key(&projections(&pipeline).await),
+        corrupt,
+        "a dry run changed the entitlements"
+    );
+    assert_eq!(
+        new_changes(&messages_before, &pipeline.changes()),
+        vec![],
+        "a dry run published"
+    );
+
+    // Act 2: the real rebuild.
+    let (differences, summary) = rebuild(&pipeline, &[]);
+    pipeline.settle().await;
+
+    // Assert 2: the row is repaired with one message; nobody else changed.
+    assert_eq!(differences.len(), 1, "{differences:?}");
+    assert!(differences[0].starts_with("cus_trial: "), "{differences:?}");
+    assert!(summary.contains(" 1 customers changed"), "{summary}");
+    let new_messages = new_changes(&messages_before, &pipeline.changes());
+    assert_eq!(new_messages.len(), 1, "{new_messages:?}");
+    let (key, message) = &new_messages[0];
+    assert_eq!(key, "cus_trial");
+    assert_eq!(message["type"], "entitlements.changed");
+    assert_eq!(message["version"], version + 1);
+    assert_eq!(message["cause"]["event_type"], "projector.rebuild");
+    assert_eq!(message["features"], json!(["api", "pro"]));
+    assert_eq!(message["added"], json!(["api", "pro"]));
+    assert_eq!(message["removed"], json!([]));
+    let repaired = entitlements_by_key(&projections(&pipeline).await);
+    for (key, row) in &healthy {
+        if key == "cus_trial" {
+            let mut expected = row.clone();
+            expected["version"] = json!(version + 1);
+            assert_eq!(
+                without_updated_at(&repaired[key]),
+                without_updated_at(&expected),
+                "cus_trial repaired"
+            );
+        } else {
+            assert_eq!(&repaired[key], row, "{key} changed");
+        }
+    }
+    assert_eq!(repaired.len(), healthy.len());
+    let view = pipeline.entitlements("cus_trial", None).await;
+    assert_eq!(view["features"], json!(["api", "pro"]));
+    assert_eq!(view["version"], version + 1);
+}
+
+fn without_updated_at(row: &Value) -> Value {
+    let mut row = row.clone();
+    let object = row.as_object_mut().unwrap();
+    object.remove("updated_at");
+    object["view"].as_object_mut().unwrap().remove("updated_at");
+    row
+}
+
+// ---------------------------------------------------------------------------------------------
+// Changed mapping
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn rebuild_after_a_mapping_change_changes_exactly_the_affected_customers() {
+    // Arrange: the scenario set under SPEC §7's mapping.
+    let mut pipeline = Pipeline::start(Options::default()).await;
+    run_scenario(&mut pipeline).await;
+    let before = entitlements_by_key(&projections(&pipeline).await);
+    let messages_before = pipeline.changes();
+
+    // Act: prod_pro grants one more feature, the `enterprise` lookup key nothing any more.
+    let mapping = ENTITLEMENTS
+        .replace(
+            r#"features = ["pro", "api"]"#,
+            r#"features = ["pro", "api", "export"]"#,
+        )
+        .replace(
+            "[[grant]]\nlookup_key = \"enterprise\"\nfeatures = [\"sso\", \"audit\"]\n",
+            "",
+        );
+    assert!(mapping.contains("export") && !mapping.contains("enterprise"));
+    std::fs::write(&pipeline.entitlements_path, mapping).unwrap();
+    let (differences, summary) = rebuild(&pipeline, &[]);
+    pipeline.settle().await;
+
+    // Assert: one message for each affected customer, none for anyone else.
+    let gain_export = ["cus_legacy", "cus_once", "cus_pause", "cus_trial"];
+    let lose_enterprise = format!("{CONNECT_ACCOUNT}/cus_connect");
+    let mut affected: BTreeSet<String> = gain_export.iter().map(|c| c.to_string()).collect();
+    affected.insert(lose_enterprise.clone());
+    assert_eq!(differences.len(), affected.len(), "{differences:?}");
+    assert!(summary.contains(" 5 customers changed"), "{summary}");
+    let changes = new_changes(&messages_before, &pipeline.changes());
+    let new_messages: BTreeMap<String, &Value> =
+        changes.iter().map(|(k, m)| (k.clone(), m)).collect();
+    assert_eq!(
+        changes.len(),
+        new_messages.len(),
+        "one message per customer"
+    );
+    assert_eq!(
+        new_messages.keys().cloned().collect::<BTreeSet<_>>(),
+        affected
+    );
+    let after = entitlements_by_key(&projections(&pipeline).await);
+    for (key, old) in &before {
+        let row = &after[key];
+        let Some(message) = new_messages.get(key) else {
+            assert_eq!(row, old, "{key} is not affected by the mapping change");
+            continue;
+        };
+        let old_features: Vec<String> = serde_json::from_value(old["features"].clone()).unwrap();
+        let (added, removed) = if *key == lose_enterprise {
+            (json!([]), json!(["audit", "sso"]))
+        } else {
+            (json!(["export"]), json!([]))
+        };
+        let mut features: BTreeSet<String> = old_features.into_iter().collect();
+        features.extend(serde_json::from_value::<Vec<String>>(added.clone()).unwrap());
+        for f in removed.as_array().unwrap() {
+            features.remove(f.as_str().unwrap());
+        }
+        let features = json!(features);
+        assert_eq!(row["features"], features, "{key}");
+        assert_eq!(
+            row["version"],
+            old["version"].as_i64().unwrap() + 1,
+            "{key}"
+        );
+        assert_eq!(message["version"], row["version"], "{key}");
+        assert_eq!(message["features"], features, "{key}");
+        assert_eq!(message["added"], added, "{key}");
+        assert_eq!(message["removed"], removed, "{key}");
+        assert_eq!(message["cause"]["event_type"], "projector.rebuild", "{key}");
+    }
+    assert_eq!(after.len(), before.len());
+    let view = pipeline.entitlements("cus_trial", None).await;
+    assert_eq!(view["features"], json!(["api", "export", "pro"]));
+    let view = pipeline
+        .entitlements("cus_connect", Some(CONNECT_ACCOUNT))
+        .await;
+    assert_eq!(view["features"], json!([]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// History
+// ---------------------------------------------------------------------------------------------
+
+const HIST_CREATED: i64 = T0 - 60; // 2025-12-31T23:59:00Z
+const HIST_TRIAL: i64 = T0; // 2026-01-01T00:00:00Z
+const HIST_ACTIVE: i64 = T0 + 14 * DAY; // 2026-01-15T00:00:00Z
+const HIST_PAID: i64 = HIST_ACTIVE + 60; // 2026-01-15T00:01:00Z
+const HIST_FAILED: i64 = T0 + 44 * DAY; // 2026-02-14T00:00:00Z
+const HIST_PAST_DUE: i64 = HIST_FAILED + 60; // 2026-02-14T00:01:00Z
+const HIST_CANCELED: i64 = T0 + 60 * DAY; // 2026-03-02T00:00:00Z
+
+fn history_log() -> Vec<Event> {
+    let sub = |status: &str| subscription("sub_hist", "cus_hist", status, &[PRO], T0 + MONTH, true);
+    let trial = Event::new(
+        "evt_hist_2",
+        "customer.subscription.created",
+        HIST_TRIAL,
+        sub("trialing"),
+    );
+    vec![
+        Event::new(
+            "evt_hist_1",
+            "customer.created",
+            HIST_CREATED,
+            customer("cus_hist", false),
+        ),
+        trial.clone(),
+        // Another customer in between: not part of cus_hist's history.
+        Event::new(
+            "evt_other_1",
+            "customer.subscription.created",
+            HIST_TRIAL + 5,
+            subscription(
+                "sub_other",
+                "cus_other",
+                "active",
+                &[TEAM],
+                T0 + MONTH,
+                true,
+            ),
+        ),
+        // The same customer id in a Connect account: not part of the platform's history.
+        Event::new(
+            "evt_hist_connect_1",
+            "customer.subscription.created",
+            HIST_TRIAL + DAY,
+            subscription(
+                "sub_hist_connect",
+                "cus_hist",
+                "active",
+                &[ENTERPRISE],
+                T0 + MONTH,
+                true,
+            ),
+        )
+        .account("acct_hist"),
+        Event::new(
+            "evt_hist_3",
+            "customer.subscription.updated",
+            HIST_ACTIVE,
+            sub("active"),
+        ),
+        Event::new(
+            "evt_hist_4",
+            "invoice.paid",
+            HIST_PAID,
+            invoice(
+                "in_hist_1",
+                "cus_hist",
+                "sub_hist",
+                "paid",
+                1,
+                None,
+                HIST_ACTIVE + MONTH,
+                true,
+            ),
+        ),
+        Event::new(
+            "evt_hist_5",
+            "invoice.payment_failed",
+            HIST_FAILED,
+            invoice(
+                "in_hist_2",
+                "cus_hist",
+                "sub_hist",
+                "open",
+                1,
+                Some(HIST_FAILED + 3 * DAY),
+                HIST_FAILED + MONTH,
+                true,
+            ),
+        ),
+        Event::new(
+            "evt_hist_6",
+            "customer.subscription.updated",
+            HIST_PAST_DUE,
+            sub("past_due"),
+        ),
+        Event::new(
+            "evt_hist_7",
+            "customer.subscription.deleted",
+            HIST_CANCELED,
+            sub("canceled"),
+        ),
+        // A late redelivery changes nothing.
+        trial,
+    ]
+}
+
+fn history(pipeline: &Pipeline, args: &[&str]) -> Value {
+    let mut command = vec!["history"];
+    command.extend(args);
+    let output = output_within_deadline(projector(pipeline, &command));
+    let stdout = succeeded(&command.join(" "), &output);
+    serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("projector {}: not JSON ({e}):\n{stdout}", command.join(" ")))
+}
+
+#[tokio::test]
+async fn history_and_at_replay_a_scripted_lifecycle_from_the_log() {
+    // Arrange: trial → active → (paid) → (payment failed) → past_due → canceled.
+    let mut pipeline = Pipeline::start(Options::default()).await;
+    pipeline.send_all(&bodies(&history_log())).await;
+    pipeline.settle().await;
+
+    // Act
+    let timeline = history(&pipeline, &["cus_hist", "--json"]);
+
+    // Assert: one entry per change of the entitlement object, in order, with its cause;
+    // invoices and the redelivery change nothing, other customers and accounts do not appear.
+    let entry = |at: &str,
+                 id: &str,
+                 kind: &str,
+                 added: Value,
+                 removed: Value,
+                 features: Value,
+                 subs: Value| {
+        json!({"at": at, "event_id": id, "event_type": kind, "added": added, "removed": removed,
+               "features": features, "subscriptions": subs})
+    };
+    let pro = || json!(["api", "pro"]);
+    let none = || json!([]);
+    assert_eq!(
+        timeline,
+        json!([
+            entry(
+                "2025-12-31T23:59:00Z",
+                "evt_hist_1",
+                "customer.created",
+                none(),
+                none(),
+                none(),
+                none()
+            ),
+            entry(
+                "2026-01-01T00:00:00Z",
+                "evt_hist_2",
+                "customer.subscription.created",
+                pro(),
+                none(),
+                pro(),
+                json!(["sub_hist=trialing"])
+            ),
+            entry(
+                "2026-01-15T00:00:00Z",
+                "evt_hist_3",
+                "customer.subscription.updated",
+                none(),
+                none(),
+                pro(),
+                json!(["sub_hist=active"])
+            ),
+            entry(
+                "2026-02-14T00:01:00Z",
+                "evt_hist_6",
+                "customer.subscription.updated",
+                none(),
+                none(),
+                pro(),
+                json!(["sub_hist=past_due"])
+            ),
+            entry(
+                "2026-03-02T00:00:00Z",
+                "evt_hist_7",
+                "customer.subscription.deleted",
+                none(),
+                pro(),
+                none(),
+                json!(["sub_hist=canceled"])
+            ),
+        ]),
+        "timeline of cus_hist:\n{}",
+        serde_json::to_string_pretty(&timeline).unwrap()
+    );
+    let connect = history(&pipeline, &["cus_hist", "--account", "acct_hist", "--json"]);
+    assert_eq!(
+        connect,
+        json!([entry(
+            "2026-01-02T00:00:00Z",
+            "evt_hist_connect_1",
+            "customer.subscription.created",
+            json!(["audit", "sso"]),
+            none(),
+            json!(["audit", "sso"]),
+            json!(["sub_hist_connect=active"])
+        )])
+    );
+    let text = succeeded(
+        "history cus_hist",
+        &output_within_deadline(projector(&pipeline, &["history", "cus_hist"])),
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5, "{text}");
+    assert!(lines[4].starts_with("2026-03-02T00:00:00Z") && lines[4].contains("-api -pro"));
+
+    // --at: the object as of an instant (inclusive), offsets honoured.
+    let at = |instant: &str| history(&pipeline, &["cus_hist", "--at", instant]);
+    let active = at("2026-01-20T00:00:00Z");
+    assert_eq!(active["customer"], "cus_hist");
+    assert_eq!(active["account"], Value::Null);
+    assert_eq!(active["features"], pro());
+    assert_eq!(active["subscriptions"][0]["status"], "active");
+    // As the live projection served it then: `updated_at` moves with changes, and the paid
+    // invoice after the activation changed nothing.
+    assert_eq!(active["updated_at"], "2026-01-15T00:00:00Z");
+    let past_due = at("2026-02-14T00:01:00Z");
+    assert_eq!(past_due["features"], pro());
+    assert_eq!(past_due["subscriptions"][0]["status"], "past_due");
+    let just_before_cancel = at("2026-03-02T00:59:59+01:00");
+    assert_eq!(just_before_cancel["subscriptions"][0]["status"], "past_due");
+    let canceled = at("2026-03-02T00:00:00Z");
+    assert_eq!(canceled["features"], none());
+    assert_eq!(canceled["subscriptions"][0]["status"], "canceled");
+    let trialing = at("2026-01-01T00:00:00.5Z");
+    assert_eq!(trialing["subscriptions"][0]["status"], "trialing");
+    let mut now = at("2100-01-01T00:00:00Z");
+    let mut live = pipeline.entitlements("cus_hist", None).await;
+    live.as_object_mut().unwrap().remove("version");
+    now.as_object_mut().unwrap().remove("version");
+    assert_eq!(
+        now, live,
+        "history's object as of now vs the live projection"
+    );
+    let before_anything = output_within_deadline(projector(
+        &pipeline,
+        &["history", "cus_hist", "--at", "2025-12-01T00:00:00Z"],
+    ));
+    assert!(!before_anything.status.success());
+    assert!(String::from_utf8_lossy(&before_anything.stderr).contains("no events of cus_hist"));
+    let not_an_instant = output_within_deadline(projector(
+        &pipeline,
+        &["history", "cus_hist", "--at", "yesterday"],
+    ));
+    assert!(!not_an_instant.status.success());
+}
