@@ -59,6 +59,8 @@ pub fn replay<'a>(
             .as_ref()
             .is_some_and(|(old, _)| same_entitlements(old, &value))
         {
+            // Not a change, but the object as of now still moves its `updated_at`, as the API's.
+            current = Some((value, view));
             continue;
         }
         let old_features = current
@@ -111,11 +113,13 @@ pub fn read_customer_events(
         .map_err(|e| e.to_string())?;
     let mut assignment = TopicPartitionList::new();
     let mut remaining = 0i64;
+    let mut ends = std::collections::HashMap::new();
     for t in metadata.topics() {
         for p in t.partitions() {
             let (low, high) = consumer
                 .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
                 .map_err(|e| e.to_string())?;
+            ends.insert(p.id(), high);
             if high > low {
                 remaining += high - low;
                 assignment
@@ -129,16 +133,8 @@ pub fn read_customer_events(
         return Ok(events);
     }
     consumer.assign(&assignment).map_err(|e| e.to_string())?;
-    // Watermarks fix the end: records appended while we read belong to a later question.
-    let mut ends = std::collections::HashMap::new();
-    for t in metadata.topics() {
-        for p in t.partitions() {
-            if let Ok((_, high)) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))
-            {
-                ends.insert(p.id(), high);
-            }
-        }
-    }
+    // The watermarks read above fix the end: records appended while we read belong to a later
+    // question.
     let mut read = 0i64;
     while read < remaining {
         let Some(message) = consumer.poll(Duration::from_secs(10)) else {

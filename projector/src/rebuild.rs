@@ -63,6 +63,8 @@ pub struct Difference {
     pub after: serde_json::Value,
     pub added: Vec<String>,
     pub removed: Vec<String>,
+    /// Known live, absent from the replay: kept with an emptied object.
+    pub vanished: bool,
 }
 
 #[derive(Debug)]
@@ -342,6 +344,44 @@ async fn differences(
                 .cloned()
                 .collect(),
             after,
+            vanished: false,
+        });
+    }
+    // Customers the replay no longer knows (a fix moved their events elsewhere, say) keep an
+    // entitlement object, emptied, so that downstream hears they lost everything.
+    let rebuilt: std::collections::HashSet<(Option<String>, String)> = differences
+        .iter()
+        .map(|d| (d.account.clone(), d.customer.clone()))
+        .collect();
+    let still_there: std::collections::HashSet<(String, String)> = sqlx::query_as(&format!(
+        "SELECT account, customer FROM {schema}.entitlements"
+    ))
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .collect();
+    for ((account, customer), (view, features)) in &before {
+        let key = (
+            (!account.is_empty()).then(|| account.clone()),
+            customer.clone(),
+        );
+        if rebuilt.contains(&key) || still_there.contains(&(account.clone(), customer.clone())) {
+            continue;
+        }
+        let mut after = view.clone();
+        if let Some(object) = after.as_object_mut() {
+            object.insert("features".into(), serde_json::json!([]));
+            object.insert("subscriptions".into(), serde_json::json!([]));
+            object.insert("client_reference_id".into(), serde_json::Value::Null);
+        }
+        differences.push(Difference {
+            account: key.0,
+            customer: key.1,
+            before: Some(view.clone()),
+            after,
+            added: Vec::new(),
+            removed: features.clone(),
+            vanished: true,
         });
     }
     differences.sort_by(|a, b| (&a.account, &a.customer).cmp(&(&b.account, &b.customer)));
@@ -364,6 +404,20 @@ async fn swap(
         .map(|d| d.account.clone().unwrap_or_default())
         .collect();
     let changed_customers: Vec<String> = differences.iter().map(|d| d.customer.clone()).collect();
+    let vanished: Vec<&Difference> = differences.iter().filter(|d| d.vanished).collect();
+    if !vanished.is_empty() {
+        sqlx::query(&format!(
+            "INSERT INTO {schema}.entitlements (account, customer, livemode, client_reference_id, features, version, view, updated_at)
+             SELECT o.account, o.customer, o.livemode, NULL, '{{}}', 0, k.view::jsonb, o.updated_at
+             FROM UNNEST($1::text[], $2::text[], $3::text[]) AS k(account, customer, view)
+             JOIN public.entitlements o ON o.account = k.account AND o.customer = k.customer"
+        ))
+        .bind(vanished.iter().map(|d| d.account.clone().unwrap_or_default()).collect::<Vec<_>>())
+        .bind(vanished.iter().map(|d| d.customer.clone()).collect::<Vec<_>>())
+        .bind(vanished.iter().map(|d| d.after.to_string()).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
     sqlx::query(&format!(
         "UPDATE {schema}.entitlements n SET version = o.version, view = o.view, updated_at = o.updated_at
          FROM public.entitlements o

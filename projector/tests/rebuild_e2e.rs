@@ -1282,9 +1282,9 @@ async fn history_and_at_replay_a_scripted_lifecycle_from_the_log() {
     assert_eq!(active["account"], Value::Null);
     assert_eq!(active["features"], pro());
     assert_eq!(active["subscriptions"][0]["status"], "active");
-    // As the live projection served it then: `updated_at` moves with changes, and the paid
-    // invoice after the activation changed nothing.
-    assert_eq!(active["updated_at"], "2026-01-15T00:00:00Z");
+    // As the live projection served it then: `updated_at` is Stripe's time of the newest event
+    // reflected, here the paid invoice a minute after the activation (which changed nothing).
+    assert_eq!(active["updated_at"], "2026-01-15T00:01:00Z");
     let past_due = at("2026-02-14T00:01:00Z");
     assert_eq!(past_due["features"], pro());
     assert_eq!(past_due["subscriptions"][0]["status"], "past_due");
@@ -1314,4 +1314,44 @@ async fn history_and_at_replay_a_scripted_lifecycle_from_the_log() {
         &["history", "cus_hist", "--at", "yesterday"],
     ));
     assert!(!not_an_instant.status.success());
+}
+
+#[tokio::test]
+async fn customer_unknown_to_the_replay_is_emptied_with_one_message_not_dropped() {
+    // Arrange: the scenario set, plus an entitlement row no event in the log supports (as if a
+    // projection fix moved its events to another customer).
+    let mut pipeline = Pipeline::start(Options::default()).await;
+    run_scenario(&mut pipeline).await;
+    let ghost_view = json!({"customer": "cus_ghost", "account": null, "livemode": false,
+        "client_reference_id": "user_ghost", "features": ["pro"], "subscriptions": [],
+        "updated_at": "2026-01-01T00:00:00Z"});
+    let mut db = pipeline.db().await;
+    sqlx::query(
+        "INSERT INTO entitlements (account, customer, livemode, client_reference_id, features, version, view, updated_at)
+         VALUES ('', 'cus_ghost', false, 'user_ghost', '{pro}', 3, $1::jsonb, now())",
+    )
+    .bind(ghost_view.to_string())
+    .execute(&mut db)
+    .await
+    .unwrap();
+    let messages_before = pipeline.changes();
+
+    // Act
+    let (dry_run, _) = rebuild(&pipeline, &["--dry-run"]);
+    let (differences, _) = rebuild(&pipeline, &[]);
+    pipeline.settle().await;
+
+    // Assert: reported, kept with no features at the next version, announced once.
+    assert_eq!(dry_run.len(), 1, "{dry_run:?}");
+    assert!(dry_run[0].starts_with("cus_ghost: "), "{dry_run:?}");
+    assert_eq!(differences, dry_run);
+    let view = pipeline.entitlements("cus_ghost", None).await;
+    assert_eq!(view["features"], json!([]));
+    assert_eq!(view["client_reference_id"], Value::Null);
+    assert_eq!(view["version"], 4);
+    let new_messages = new_changes(&messages_before, &pipeline.changes());
+    assert_eq!(new_messages.len(), 1, "{new_messages:?}");
+    assert_eq!(new_messages[0].0, "cus_ghost");
+    assert_eq!(new_messages[0].1["removed"], json!(["pro"]));
+    assert_eq!(new_messages[0].1["version"], 4);
 }
