@@ -21,12 +21,21 @@ fn stack(command: &str) {
     assert!(status.success(), "scripts/stack {command} failed");
 }
 
-/// Starts the broker again even when an assertion fails, so later tests have a broker.
-struct BrokerBack;
+/// Starts the broker again when an assertion fails mid-outage, so later tests have a broker.
+/// Never panics: a panic while unwinding would abort the test binary.
+struct BrokerBack {
+    armed: bool,
+}
 
 impl Drop for BrokerBack {
     fn drop(&mut self) {
-        stack("kafka-start");
+        if self.armed {
+            let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/stack");
+            let _ = Command::new(script)
+                .arg("kafka-start")
+                .stdout(std::process::Stdio::null())
+                .status();
+        }
     }
 }
 
@@ -45,7 +54,7 @@ async fn requests_get_503_while_the_broker_is_down_and_200_once_it_is_back() {
         "healthy before the outage"
     );
 
-    let _guard = BrokerBack;
+    let mut guard = BrokerBack { armed: true };
     stack("kafka-stop");
     for attempt in 0..3 {
         let response = post_signed(&client, &ingest, &body).await;
@@ -68,6 +77,7 @@ async fn requests_get_503_while_the_broker_is_down_and_200_once_it_is_back() {
     );
 
     stack("kafka-start");
+    guard.armed = false;
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let status = post_signed(&client, &ingest, &body).await.status();
