@@ -270,19 +270,22 @@ async fn apply_with_retry(
     ctx: &BatchContext<'_>,
     records: &[InputRecord],
 ) -> Result<store::BatchOutcome, RebuildError> {
+    /// A rebuild is not the live path: after this many failures it stops and says why.
+    const ATTEMPTS: u32 = 8;
     let mut backoff = Duration::from_millis(100);
-    for attempt in 0..8 {
+    let mut attempt = 1;
+    loop {
         match apply_batch(pool, ctx, records).await {
             Ok(outcome) => return Ok(outcome),
-            Err(e) if attempt < 7 => {
-                tracing::warn!(error = %e, "rebuild batch failed; retrying");
+            Err(e) if attempt < ATTEMPTS => {
+                tracing::warn!(error = %e, attempt, "rebuild batch failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
+                attempt += 1;
             }
             Err(e) => return Err(e.into()),
         }
     }
-    unreachable!("the last attempt returns")
 }
 
 fn record(message: &rdkafka::message::BorrowedMessage<'_>) -> InputRecord {
