@@ -3,11 +3,15 @@
 //! lag to Kafka tooling.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol, StreamConsumer,
+};
 use rdkafka::message::Message;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio::sync::watch;
@@ -23,7 +27,101 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// later (records deleted by an operator); the gap is logged and accepted.
 const MAX_GAP_SEEKS: u32 = 3;
 
-pub fn create_consumer(config: &Config) -> Result<StreamConsumer, rdkafka::error::KafkaError> {
+/// The consumer of the raw log, whose context seeks every assigned partition to the offset
+/// Postgres holds for it.
+pub type LogConsumer = StreamConsumer<SeekToStored>;
+
+/// Next offsets per partition as last committed to Postgres by this process (loaded at start,
+/// updated after each batch). On assignment the consumer starts there rather than at Kafka's
+/// committed offset, which trails the database. Another instance may have gone further since;
+/// then the records below its offsets are re-read and skipped, and a gap is sought back to.
+pub struct SeekToStored {
+    topic: String,
+    stored: Mutex<HashMap<i32, i64>>,
+}
+
+impl SeekToStored {
+    pub fn remember(&self, offsets: &[(i32, i64)]) {
+        let mut stored = self.stored.lock().unwrap_or_else(|e| e.into_inner());
+        for (partition, next) in offsets {
+            let entry = stored.entry(*partition).or_insert(*next);
+            *entry = (*entry).max(*next);
+        }
+    }
+}
+
+impl ClientContext for SeekToStored {}
+
+impl ConsumerContext for SeekToStored {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        let result = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let stored = self
+                    .stored
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone();
+                for (partition, next) in &stored {
+                    if tpl.find_partition(&self.topic, *partition).is_some() {
+                        let _ = tpl.set_partition_offset(
+                            &self.topic,
+                            *partition,
+                            Offset::Offset(*next),
+                        );
+                    }
+                }
+                tracing::info!(
+                    partitions = tpl.count(),
+                    from_postgres = stored.len(),
+                    "partitions assigned"
+                );
+                if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                tracing::info!(partitions = tpl.count(), "partitions revoked");
+                if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                }
+            }
+            other => {
+                tracing::warn!(error = ?other, "rebalance error");
+                if cooperative {
+                    Ok(())
+                } else {
+                    consumer.unassign()
+                }
+            }
+        };
+        if let Err(e) = result {
+            tracing::error!(error = %e, "applying the rebalance failed");
+        }
+    }
+}
+
+/// Creates the consumer; `stored` are the next offsets Postgres holds for the raw log.
+pub fn create_consumer(
+    config: &Config,
+    stored: Vec<(i32, i64)>,
+) -> Result<LogConsumer, rdkafka::error::KafkaError> {
+    let context = SeekToStored {
+        topic: config.events_topic.clone(),
+        stored: Mutex::new(stored.into_iter().collect()),
+    };
     ClientConfig::new()
         .set("bootstrap.servers", &config.kafka_brokers)
         .set("group.id", &config.group_id)
@@ -35,7 +133,7 @@ pub fn create_consumer(config: &Config) -> Result<StreamConsumer, rdkafka::error
         .set("heartbeat.interval.ms", "1000")
         .set("fetch.max.bytes", "52428800")
         .set("queued.max.messages.kbytes", "131072")
-        .create()
+        .create_with_context(context)
 }
 
 /// The entitlement policy, reloaded when its file changes, so that a new mapping applies to the
@@ -84,7 +182,7 @@ impl LivePolicy {
 pub struct ConsumeLoop {
     pub config: Arc<Config>,
     pub pool: PgPool,
-    pub consumer: Arc<StreamConsumer>,
+    pub consumer: Arc<LogConsumer>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -141,6 +239,7 @@ impl ConsumeLoop {
                     tracing::warn!(partition, error = %e, "seek failed; the records will be re-checked");
                 }
             }
+            self.consumer.context().remember(&outcome.next_offsets);
             self.record(&outcome);
             self.commit_to_kafka(&outcome);
         }
@@ -286,7 +385,7 @@ fn to_record(message: &rdkafka::message::BorrowedMessage<'_>) -> InputRecord {
 pub async fn watch_lag(
     config: Arc<Config>,
     pool: PgPool,
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<LogConsumer>,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) {

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use actix_web::dev::Server;
 use actix_web::{web, App, HttpServer};
-use rdkafka::consumer::StreamConsumer;
 use rdkafka::producer::FutureProducer;
 use shared::kafka::{durable_producer_config, ensure_topics, TopicSpec};
 use sqlx::PgPool;
@@ -14,7 +13,7 @@ use tokio::sync::watch;
 
 use crate::api::{self, ApiState};
 use crate::config::Config;
-use crate::consumer::{create_consumer, watch_lag, ConsumeLoop};
+use crate::consumer::{create_consumer, watch_lag, ConsumeLoop, LogConsumer};
 use crate::metrics::Metrics;
 use crate::outbox::Relay;
 use crate::store;
@@ -41,7 +40,7 @@ pub struct Application {
     server: Server,
     config: Arc<Config>,
     pool: PgPool,
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<LogConsumer>,
     producer: FutureProducer,
     metrics: Arc<Metrics>,
 }
@@ -80,7 +79,12 @@ impl Application {
         let config = Arc::new(config);
         let pool = database(&config).await?;
         topics(&config).await?;
-        let consumer = Arc::new(create_consumer(&config)?);
+        let stored: Vec<(i32, i64)> =
+            sqlx::query_as("SELECT partition, next_offset FROM consumer_offsets WHERE topic = $1")
+                .bind(&config.events_topic)
+                .fetch_all(&pool)
+                .await?;
+        let consumer = Arc::new(create_consumer(&config, stored)?);
         let producer = producer(&config)?;
         let metrics = Arc::new(Metrics::default());
         let listener = TcpListener::bind(config.addr).map_err(|source| StartupError::Listen {

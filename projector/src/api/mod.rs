@@ -5,11 +5,12 @@ use std::time::Duration;
 
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use sqlx::PgPool;
 
+use crate::consumer::LogConsumer;
 use crate::metrics::Metrics;
 use crate::store::read;
 
@@ -17,7 +18,7 @@ pub struct ApiState {
     pub pool: PgPool,
     pub api_token: Option<SecretString>,
     pub metrics: Arc<Metrics>,
-    pub consumer: Option<Arc<StreamConsumer>>,
+    pub consumer: Option<Arc<LogConsumer>>,
     pub events_topic: String,
 }
 
