@@ -310,46 +310,6 @@ async fn kill_projector_midway(pipeline: &mut Pipeline, total: u64) -> u64 {
     }
 }
 
-/// The projection tables compared across runs, each ordered by its key. `entitlements` leaves
-/// out what depends on how events were batched: `version` counts changes, and `updated_at`
-/// (also inside `view`) is only rewritten together with a change.
-const PROJECTIONS: &[(&str, &str)] = &[
-    ("customers", "SELECT * FROM customers ORDER BY account, id"),
-    (
-        "subscriptions",
-        "SELECT * FROM subscriptions ORDER BY account, id",
-    ),
-    ("invoices", "SELECT * FROM invoices ORDER BY account, id"),
-    (
-        "checkout_sessions",
-        "SELECT * FROM checkout_sessions ORDER BY account, id",
-    ),
-    (
-        "entitlement_summaries",
-        "SELECT * FROM entitlement_summaries ORDER BY account, customer",
-    ),
-    (
-        "entitlements",
-        "SELECT account, customer, livemode, client_reference_id, features,
-                view - 'updated_at' AS view
-         FROM entitlements ORDER BY account, customer",
-    ),
-];
-
-fn assert_same_rows(table: &str, crashed: &[Value], uninterrupted: &[Value]) {
-    for (row, (a, b)) in crashed.iter().zip(uninterrupted).enumerate() {
-        assert_eq!(
-            a, b,
-            "{table} row {row} differs (left: crashed run, right: uninterrupted run)"
-        );
-    }
-    assert_eq!(
-        crashed.len(),
-        uninterrupted.len(),
-        "{table}: row counts differ (left: crashed run, right: uninterrupted run)"
-    );
-}
-
 /// Checks the change topic of one run: per key, versions 1..=N all present, a duplicate
 /// (key, version) only with an identical payload, and the last message in log order the
 /// newest. Returns that last message per key.
@@ -422,10 +382,12 @@ async fn sigkill_mid_consumption_then_restart_equals_an_uninterrupted_run() {
 
     // Assert: identical projections.
     assert!(applied_at_kill < total);
-    for (table, sql) in PROJECTIONS {
-        let (a, b) = tokio::join!(crashed.table(sql), uninterrupted.table(sql));
-        assert_same_rows(table, &a, &b);
-    }
+    let (a, b) = tokio::join!(crashed.projections(), uninterrupted.projections());
+    assert_same_projections(
+        "crashed vs uninterrupted run",
+        &without_version(a),
+        &without_version(b),
+    );
     assert_eq!(
         crashed.table(PROJECTIONS[0].1).await.len(),
         CUSTOMERS,

@@ -4,6 +4,7 @@
 
 pub mod events;
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -442,6 +443,72 @@ impl Pipeline {
         rows.into_iter()
             .map(|r| serde_json::from_str(&r).unwrap())
             .collect()
+    }
+}
+
+/// Every projection table, each ordered by its key, so two snapshots compare row by row.
+pub const PROJECTIONS: &[(&str, &str)] = &[
+    ("customers", "SELECT * FROM customers ORDER BY account, id"),
+    (
+        "subscriptions",
+        "SELECT * FROM subscriptions ORDER BY account, id",
+    ),
+    ("invoices", "SELECT * FROM invoices ORDER BY account, id"),
+    (
+        "checkout_sessions",
+        "SELECT * FROM checkout_sessions ORDER BY account, id",
+    ),
+    (
+        "entitlement_summaries",
+        "SELECT * FROM entitlement_summaries ORDER BY account, customer",
+    ),
+    (
+        "entitlements",
+        "SELECT * FROM entitlements ORDER BY account, customer",
+    ),
+];
+
+impl Pipeline {
+    /// Every projection table's rows as JSON.
+    pub async fn projections(&self) -> BTreeMap<&'static str, Vec<Value>> {
+        let mut tables = BTreeMap::new();
+        for (table, sql) in PROJECTIONS {
+            tables.insert(*table, self.table(sql).await);
+        }
+        tables
+    }
+}
+
+/// The projections without `entitlements.version`: it counts changes, and how many changes a
+/// log makes depends on how its events were batched. Everything else depends on the events
+/// alone.
+pub fn without_version(
+    mut tables: BTreeMap<&'static str, Vec<Value>>,
+) -> BTreeMap<&'static str, Vec<Value>> {
+    for row in tables.get_mut("entitlements").into_iter().flatten() {
+        row.as_object_mut().unwrap().remove("version");
+    }
+    tables
+}
+
+/// Asserts two projection snapshots are identical, table by table, row by row.
+pub fn assert_same_projections(
+    context: &str,
+    left: &BTreeMap<&'static str, Vec<Value>>,
+    right: &BTreeMap<&'static str, Vec<Value>>,
+) {
+    for (table, _) in PROJECTIONS {
+        let (a, b) = (&left[table], &right[table]);
+        for (row, (a, b)) in a.iter().zip(b).enumerate() {
+            assert_eq!(a, b, "{context}: {table} row {row} differs");
+        }
+        assert_eq!(
+            a.len(),
+            b.len(),
+            "{context}: {table} has {} rows on the left, {} on the right",
+            a.len(),
+            b.len()
+        );
     }
 }
 
