@@ -36,6 +36,9 @@ pub struct Config {
     pub batch_max_events: usize,
     /// `BATCH_LINGER_MS`: how long a batch waits for more records after its first, ms.
     pub batch_linger: Duration,
+    /// `STRIPE_EVENTS_PARTITIONS`: partitions of the raw log when the projector creates it
+    /// (ingest usually does first).
+    pub events_partitions: i32,
     /// `ENTITLEMENTS_PARTITIONS`: partitions of the change topic when the projector creates it.
     pub entitlements_partitions: i32,
 }
@@ -103,6 +106,14 @@ impl Config {
         if linger_ms > 10_000 {
             return Err(err("BATCH_LINGER_MS", "must be at most 10000"));
         }
+        let events_partitions: i32 = num(
+            get("STRIPE_EVENTS_PARTITIONS"),
+            "STRIPE_EVENTS_PARTITIONS",
+            6,
+        )?;
+        if events_partitions < 1 {
+            return Err(err("STRIPE_EVENTS_PARTITIONS", "must be at least 1"));
+        }
         let entitlements_partitions: i32 =
             num(get("ENTITLEMENTS_PARTITIONS"), "ENTITLEMENTS_PARTITIONS", 6)?;
         if entitlements_partitions < 1 {
@@ -129,6 +140,7 @@ impl Config {
             group_id: get("PROJECTOR_GROUP").unwrap_or_else(|| "projector".into()),
             batch_max_events,
             batch_linger: Duration::from_millis(linger_ms),
+            events_partitions,
             entitlements_partitions,
         })
     }
@@ -188,6 +200,7 @@ mod tests {
             ("PROJECTOR_ADDR", "nowhere"),
             ("ENTITLEMENTS_CONFIG", "/does/not/exist.toml"),
             ("BATCH_MAX_EVENTS", "0"),
+            ("STRIPE_EVENTS_PARTITIONS", "0"),
             ("ENTITLEMENTS_TOPIC", "a b"),
             ("API_TOKEN", "short"),
         ] {

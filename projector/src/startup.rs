@@ -53,14 +53,10 @@ pub async fn database(config: &Config) -> Result<PgPool, StartupError> {
 }
 
 pub async fn topics(config: &Config) -> Result<(), StartupError> {
-    let partitions = std::env::var("STRIPE_EVENTS_PARTITIONS")
-        .ok()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(6);
     ensure_topics(
         &config.kafka_brokers,
         &[
-            TopicSpec::event_log(&config.events_topic, partitions),
+            TopicSpec::event_log(&config.events_topic, config.events_partitions),
             TopicSpec::compacted(&config.entitlements_topic, config.entitlements_partitions),
             TopicSpec::dead_letters(&config.dlq_topic),
         ],

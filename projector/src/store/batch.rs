@@ -293,7 +293,8 @@ pub async fn apply_batch(
             outcome.next_offsets = next.into_iter().collect();
         }
     }
-    if outcome.changes > 0 || outcome.dead_letters > 0 {
+    // Wake the relay only when this batch wrote outbox rows (a rebuild writes none).
+    if ctx.mode.emits() && (outcome.changes > 0 || outcome.dead_letters > 0) {
         sqlx::query("SELECT pg_notify('outbox', '')")
             .execute(&mut *tx)
             .await?;
@@ -666,6 +667,7 @@ async fn write_entitlement_changes(
 
     let mut upsert = EntitlementRows::default();
     let mut outbox = OutboxRows::default();
+    let mut changes = 0u64;
     for (key, state) in &states {
         let view: EntitlementView = compute(state, ctx.policy);
         let value = serde_json::to_value(&view).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
@@ -682,6 +684,12 @@ async fn write_entitlement_changes(
             Some((version, _, features)) => (version + 1, features.clone()),
             None => (1, Vec::new()),
         };
+        changes += 1;
+        upsert.push(key, &view, version, value.to_string());
+        // A rebuild counts versions but announces nothing: the swap emits the net differences.
+        if !ctx.mode.emits() {
+            continue;
+        }
         let added: Vec<&str> = view
             .features
             .iter()
@@ -710,17 +718,13 @@ async fn write_entitlement_changes(
         };
         let payload = serde_json::to_vec(&message).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
         let message_key = shared::envelope::scoped_key(view.account.as_deref(), &view.customer);
-        if ctx.mode.emits() {
-            outbox.push(
-                ctx.entitlements_topic,
-                Some(message_key),
-                payload,
-                serde_json::json!({}),
-            );
-        }
-        upsert.push(key, &view, version, value.to_string());
+        outbox.push(
+            ctx.entitlements_topic,
+            Some(message_key),
+            payload,
+            serde_json::json!({}),
+        );
     }
-    let changes = outbox.len() as u64;
     if !upsert.customer.is_empty() {
         sqlx::query(
             "INSERT INTO entitlements (account, customer, livemode, client_reference_id, features, version, view, updated_at)
@@ -797,10 +801,6 @@ pub(crate) struct OutboxRows {
 }
 
 impl OutboxRows {
-    pub(crate) fn len(&self) -> usize {
-        self.topic.len()
-    }
-
     pub(crate) fn push(
         &mut self,
         topic: &str,
