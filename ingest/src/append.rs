@@ -39,6 +39,43 @@ pub struct Receipt<'a> {
     pub received_at_ms: i64,
 }
 
+/// `stripe-source` (SPEC §5): where a record came from when it is not a webhook request.
+pub const SOURCE_HEADER: &str = "stripe-source";
+
+/// Where a record that ingest wrote itself came from (SPEC §5, §11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordSource {
+    /// A `*.backfilled` snapshot of an object read from the API.
+    Backfill,
+    /// An event read from `GET /v1/events`.
+    EventsApi,
+}
+
+impl RecordSource {
+    pub fn header_value(self) -> &'static str {
+        match self {
+            RecordSource::Backfill => "backfill",
+            RecordSource::EventsApi => "events-api",
+        }
+    }
+}
+
+/// A record ingest writes on its own (backfill, reconcile, the fetch after a thin event): no
+/// signature, since no request was signed, and a `stripe-source` header instead.
+#[derive(Debug, Clone)]
+pub struct SourcedRecord<'a> {
+    pub id: &'a str,
+    pub event_type: &'a str,
+    pub created: i64,
+    pub livemode: bool,
+    pub api_version: Option<&'a str>,
+    pub account: Option<&'a str>,
+    /// SPEC §5's partition key.
+    pub key: &'a str,
+    pub body: &'a [u8],
+    pub source: RecordSource,
+}
+
 pub struct EventLog {
     producer: FutureProducer,
     events_topic: String,
@@ -100,6 +137,38 @@ impl EventLog {
             .append_latency
             .observe(started.elapsed().as_secs_f64());
         result
+    }
+
+    /// Appends a record ingest read from the Stripe API, keyed and with the headers of SPEC §5.
+    pub async fn append_sourced(
+        &self,
+        record: &SourcedRecord<'_>,
+        received_at_ms: i64,
+    ) -> Result<Appended, AppendError> {
+        let created = record.created.to_string();
+        let received_at = received_at_ms.to_string();
+        let mut headers = OwnedHeaders::new_with_capacity(8)
+            .insert(h(header::EVENT_ID, record.id))
+            .insert(h(header::EVENT_TYPE, record.event_type))
+            .insert(h(header::CREATED, &created))
+            .insert(h(
+                header::LIVEMODE,
+                if record.livemode { "true" } else { "false" },
+            ));
+        if let Some(version) = record.api_version {
+            headers = headers.insert(h(header::API_VERSION, version));
+        }
+        if let Some(account) = record.account {
+            headers = headers.insert(h(header::ACCOUNT, account));
+        }
+        headers = headers
+            .insert(h(header::RECEIVED_AT, &received_at))
+            .insert(h(SOURCE_HEADER, record.source.header_value()));
+        let record = FutureRecord::to(&self.events_topic)
+            .key(record.key)
+            .payload(record.body)
+            .headers(headers);
+        self.deliver(record).await
     }
 
     /// Appends a verified payload that is not a Stripe event to the dead-letter topic, with the

@@ -30,6 +30,99 @@ pub struct Config {
     /// `APPEND_TIMEOUT_MS`: how long a request waits for the broker's acknowledgement before
     /// answering 503, milliseconds.
     pub append_timeout: Duration,
+    /// `STRIPE_API_KEY` and friends: when set, ingest fetches the object a thin event names.
+    pub stripe_api: Option<ApiConfig>,
+}
+
+/// The Stripe API settings of `backfill`, `reconcile` and the fetch after a thin event.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// `STRIPE_API_KEY`: a secret (`sk_…`) or restricted (`rk_…`) key with read access.
+    pub api_key: SecretString,
+    /// `STRIPE_API_BASE`: where the API is, default `https://api.stripe.com`.
+    pub api_base: reqwest::Url,
+    /// `STRIPE_API_TIMEOUT_SECS`: the deadline of one request attempt, seconds, > 0.
+    pub timeout: Duration,
+}
+
+impl ApiConfig {
+    /// `None` when `STRIPE_API_KEY` is unset.
+    pub fn from_lookup(
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<Self>, ConfigError> {
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        let Some(key) = get("STRIPE_API_KEY") else {
+            return Ok(None);
+        };
+        let key = key.trim();
+        // The message never echoes the value: it is a secret even when it is the wrong one.
+        let known = ["sk_test_", "sk_live_", "rk_test_", "rk_live_"];
+        if !known
+            .iter()
+            .any(|p| key.starts_with(p) && key.len() > p.len())
+        {
+            return Err(err(
+                "STRIPE_API_KEY",
+                "does not look like a Stripe secret or restricted key (sk_… or rk_…)",
+            ));
+        }
+        let base = get("STRIPE_API_BASE").unwrap_or_else(|| "https://api.stripe.com".into());
+        let api_base = reqwest::Url::parse(base.trim())
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+            .ok_or_else(|| {
+                err(
+                    "STRIPE_API_BASE",
+                    format!("expected an http(s) URL, got `{base}`"),
+                )
+            })?;
+        let timeout_secs: u64 = num(
+            get("STRIPE_API_TIMEOUT_SECS"),
+            "STRIPE_API_TIMEOUT_SECS",
+            30,
+        )?;
+        if timeout_secs == 0 {
+            return Err(err("STRIPE_API_TIMEOUT_SECS", "must be at least 1"));
+        }
+        Ok(Some(ApiConfig {
+            api_key: SecretString::from(key.to_owned()),
+            api_base,
+            timeout: Duration::from_secs(timeout_secs),
+        }))
+    }
+}
+
+/// Where `backfill` and `reconcile` append: the raw log, with the service's own settings.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub kafka_brokers: String,
+    pub events_topic: String,
+    pub dlq_topic: String,
+    pub events_partitions: i32,
+    pub append_timeout: Duration,
+}
+
+impl LogConfig {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        // The same variables, defaults and checks as the webhook service; only the webhook
+        // secrets are not needed.
+        let config = Config::from_lookup(|name| match name {
+            "STRIPE_WEBHOOK_SECRETS" => Some("whsec_unused".to_owned()),
+            "STRIPE_API_KEY" => None,
+            other => lookup(other),
+        })?;
+        Ok(LogConfig {
+            kafka_brokers: config.kafka_brokers,
+            events_topic: config.events_topic,
+            dlq_topic: config.dlq_topic,
+            events_partitions: config.events_partitions,
+            append_timeout: config.append_timeout,
+        })
+    }
 }
 
 impl Config {
@@ -93,6 +186,7 @@ impl Config {
             dlq_topic: topic(get("DLQ_TOPIC"), "DLQ_TOPIC", "stripe.events.dlq")?,
             events_partitions,
             append_timeout: Duration::from_millis(append_timeout_ms),
+            stripe_api: ApiConfig::from_lookup(&get)?,
         })
     }
 }
@@ -167,6 +261,60 @@ mod tests {
     }
 
     #[test]
+    fn the_api_is_optional_and_defaults_to_stripe() {
+        let c = config(&[("STRIPE_WEBHOOK_SECRETS", "whsec_a")]).unwrap();
+        assert!(c.stripe_api.is_none());
+        let c = config(&[
+            ("STRIPE_WEBHOOK_SECRETS", "whsec_a"),
+            ("STRIPE_API_KEY", "rk_test_abc"),
+        ])
+        .unwrap();
+        let api = c.stripe_api.unwrap();
+        assert_eq!(api.api_base.as_str(), "https://api.stripe.com/");
+        assert_eq!(api.timeout, Duration::from_secs(30));
+        assert_eq!(api.api_key.expose_secret(), "rk_test_abc");
+    }
+
+    #[test]
+    fn a_bad_api_key_is_refused_without_echoing_it() {
+        let e = config(&[
+            ("STRIPE_WEBHOOK_SECRETS", "whsec_a"),
+            ("STRIPE_API_KEY", "whsec_leakyvalue"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.var, "STRIPE_API_KEY");
+        assert!(!e.to_string().contains("leaky"), "{e}");
+        assert!(!format!("{e:?}").contains("leaky"), "{e:?}");
+    }
+
+    #[test]
+    fn a_bad_api_base_or_timeout_names_its_variable() {
+        for (var, value) in [
+            ("STRIPE_API_BASE", "ftp://x"),
+            ("STRIPE_API_BASE", "not a url"),
+            ("STRIPE_API_TIMEOUT_SECS", "0"),
+        ] {
+            let e = config(&[
+                ("STRIPE_WEBHOOK_SECRETS", "whsec_a"),
+                ("STRIPE_API_KEY", "sk_test_a"),
+                (var, value),
+            ])
+            .unwrap_err();
+            assert_eq!(e.var, var, "{var}={value}");
+        }
+    }
+
+    #[test]
+    fn the_log_settings_need_no_webhook_secret() {
+        let log = LogConfig::from_lookup(|name| {
+            (name == "STRIPE_EVENTS_TOPIC").then(|| "custom.events".to_owned())
+        })
+        .unwrap();
+        assert_eq!(log.events_topic, "custom.events");
+        assert_eq!(log.kafka_brokers, "127.0.0.1:9092");
+    }
+
+    #[test]
     fn zero_tolerance_is_refused() {
         let e = config(&[
             ("STRIPE_WEBHOOK_SECRETS", "whsec_a"),
@@ -187,6 +335,7 @@ mod tests {
             ("DLQ_TOPIC", "x/y"),
             ("STRIPE_EVENTS_PARTITIONS", "0"),
             ("APPEND_TIMEOUT_MS", "5"),
+            ("STRIPE_API_KEY", "pk_test_publishable"),
         ] {
             let e = config(&[("STRIPE_WEBHOOK_SECRETS", "whsec_a"), (var, value)]).unwrap_err();
             assert_eq!(e.var, var, "{var}={value}");
