@@ -159,6 +159,7 @@ pub async fn run(
     resources.sort();
     resources.dedup();
     for resource in resources {
+        let appended_before = summary.records_appended;
         let Some(cursor) = checkpoint.resume_point(resource) else {
             tracing::info!(
                 resource = resource.name(),
@@ -213,11 +214,12 @@ pub async fn run(
             checkpoint::store(&path, &checkpoint)?;
             progress.update(resource, summary.records_appended);
         }
+        // A skipped resource counts as done: a resumed run would only be refused again.
         checkpoint.complete(resource, unix_now());
         checkpoint::store(&path, &checkpoint)?;
         tracing::info!(
             resource = resource.name(),
-            records = summary.records_appended,
+            records = summary.records_appended - appended_before,
             "resource done"
         );
     }
