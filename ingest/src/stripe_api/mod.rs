@@ -177,10 +177,10 @@ impl StripeClient {
         auth.set_sensitive(true);
         headers.insert(AUTHORIZATION, auth);
         if let Some(account) = &settings.account {
-            let value = HeaderValue::from_str(account).map_err(|_| {
+            // Sent per request (a thin event may name another account); checked here once.
+            HeaderValue::from_str(account).map_err(|_| {
                 StripeApiError::Setting("the account id is not a valid header value")
             })?;
-            headers.insert("Stripe-Account", value);
         }
         let http = reqwest::Client::builder()
             .default_headers(headers)
@@ -237,17 +237,32 @@ impl StripeClient {
         query: &[(String, String)],
     ) -> Result<Vec<u8>, StripeApiError> {
         let url = build_url(&self.api_base, path, query)?;
-        self.get_url(url).await
+        self.get_url(url, self.account.as_deref()).await
     }
 
-    async fn get_url(&self, url: Url) -> Result<Vec<u8>, StripeApiError> {
+    /// GETs `path` as `account` (a thin event names the connected account it concerns),
+    /// whatever account the client was built for.
+    pub async fn get_as(
+        &self,
+        path: &str,
+        account: Option<&str>,
+    ) -> Result<Vec<u8>, StripeApiError> {
+        let url = build_url(&self.api_base, path, &[])?;
+        self.get_url(url, account).await
+    }
+
+    async fn get_url(&self, url: Url, account: Option<&str>) -> Result<Vec<u8>, StripeApiError> {
         let path = url.path().to_owned();
         let mut attempt = 0;
         loop {
             attempt += 1;
             self.limiter.acquire().await;
             self.requests.fetch_add(1, Ordering::Relaxed);
-            let wait = match self.http.get(url.clone()).send().await {
+            let mut request = self.http.get(url.clone());
+            if let Some(account) = account {
+                request = request.header("Stripe-Account", account);
+            }
+            let wait = match request.send().await {
                 Err(source) => {
                     // Timeouts and refused connections are transient; a malformed request is not.
                     if !(source.is_timeout() || source.is_connect() || source.is_request())

@@ -249,19 +249,11 @@ impl Pipeline {
         let events_topic = format!("{name}.events");
         let changes_topic = format!("{name}.changes");
         let dlq_topic = format!("{name}.dlq");
-        let ingest_env = vec![
-            ("KAFKA_BROKERS".to_owned(), brokers()),
-            ("STRIPE_WEBHOOK_SECRETS".to_owned(), SECRET.to_owned()),
-            ("INGEST_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
-            ("STRIPE_EVENTS_TOPIC".to_owned(), events_topic.clone()),
-            ("DLQ_TOPIC".to_owned(), dlq_topic.clone()),
-            ("STRIPE_EVENTS_PARTITIONS".to_owned(), "3".to_owned()),
-        ];
         let ingest = Service::spawn(
             "ingest",
             binary("ingest"),
             &[],
-            &ingest_env,
+            &ingest_env(&events_topic, &dlq_topic),
             "ingest listening",
         );
         let mut pipeline = Pipeline {
@@ -279,6 +271,40 @@ impl Pipeline {
         };
         pipeline.start_projector();
         pipeline
+    }
+
+    /// Starts ingest again on the same topics (after `ingest.kill()`, or to restart it); the
+    /// new process listens on a new port.
+    pub fn restart_ingest(&mut self) {
+        self.ingest.kill();
+        self.ingest = Service::spawn(
+            "ingest",
+            binary("ingest"),
+            &[],
+            &ingest_env(&self.events_topic, &self.dlq_topic),
+            "ingest listening",
+        );
+    }
+
+    /// Runs an `ingest` subcommand (`backfill`, `reconcile`) to completion against this
+    /// pipeline's log, with `extra_env` (the Stripe API settings).
+    pub fn ingest_command(
+        &self,
+        args: &[&str],
+        extra_env: &[(&str, &str)],
+    ) -> std::process::Output {
+        let mut command = Command::new(binary("ingest"));
+        command
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
+        for (k, v) in ingest_env(&self.events_topic, &self.dlq_topic) {
+            command.env(k, v);
+        }
+        for (k, v) in extra_env {
+            command.env(k, v);
+        }
+        command.output().unwrap()
     }
 
     pub fn projector_env(&self) -> Vec<(String, String)> {
@@ -444,6 +470,17 @@ impl Pipeline {
             .map(|r| serde_json::from_str(&r).unwrap())
             .collect()
     }
+}
+
+fn ingest_env(events_topic: &str, dlq_topic: &str) -> Vec<(String, String)> {
+    vec![
+        ("KAFKA_BROKERS".to_owned(), brokers()),
+        ("STRIPE_WEBHOOK_SECRETS".to_owned(), SECRET.to_owned()),
+        ("INGEST_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
+        ("STRIPE_EVENTS_TOPIC".to_owned(), events_topic.to_owned()),
+        ("DLQ_TOPIC".to_owned(), dlq_topic.to_owned()),
+        ("STRIPE_EVENTS_PARTITIONS".to_owned(), "3".to_owned()),
+    ]
 }
 
 /// Every projection table, each ordered by its key, so two snapshots compare row by row.
