@@ -186,7 +186,7 @@ impl Config {
             dlq_topic: topic(get("DLQ_TOPIC"), "DLQ_TOPIC", "stripe.events.dlq")?,
             events_partitions,
             append_timeout: Duration::from_millis(append_timeout_ms),
-            stripe_api: ApiConfig::from_lookup(&get)?,
+            stripe_api: ApiConfig::from_lookup(get)?,
         })
     }
 }

@@ -378,7 +378,7 @@ async fn reconcile_after_an_outage_converges_the_projection() {
     assert_converges(
         &pipeline,
         &stripe,
-        &[before.clone()],
+        std::slice::from_ref(&before),
         Duration::from_secs(30),
     )
     .await;
