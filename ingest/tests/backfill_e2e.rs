@@ -529,3 +529,32 @@ async fn backfill_gives_up_on_a_refused_key_with_a_stable_code_and_no_secret_in_
         "a 401 is not retried"
     );
 }
+
+#[tokio::test]
+async fn a_server_whose_cursor_does_not_move_fails_the_backfill_instead_of_paging_forever() {
+    // Arrange: every page says has_more with the same last object.
+    let page = json!({"object": "list", "has_more": true,
+                      "data": [{"id": "cus_loop", "object": "customer"}]});
+    let (base, seen) = stub(
+        vec![Answer {
+            status: 200,
+            headers: vec![],
+            body: page.to_string(),
+        }],
+        empty_list,
+    );
+    let topic = unique("e2e-loop");
+
+    // Act
+    let output = ingest_command(
+        &["backfill", "--state-dir", &state_dir().display().to_string()],
+        &base,
+        &topic,
+    );
+
+    // Assert
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("stripe_invalid_response"), "{stderr}");
+    assert_eq!(seen.lock().unwrap().requests.len(), 2);
+}
