@@ -338,6 +338,9 @@ impl ConsumeLoop {
         for (event_type, n) in &outcome.ignored {
             self.metrics.ignored.add(event_type, *n);
         }
+        for (event_type, n) in &outcome.thin {
+            self.metrics.thin_events.add(event_type, *n);
+        }
         if outcome.duplicates > 0 {
             self.metrics.duplicates.add("event_id", outcome.duplicates);
         }

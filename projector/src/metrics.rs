@@ -8,6 +8,7 @@ use shared::metrics::{render_gauge, CounterVec, Histogram, LATENCY_BUCKETS};
 pub struct Metrics {
     pub events: CounterVec,
     pub ignored: CounterVec,
+    pub thin_events: CounterVec,
     pub duplicates: CounterVec,
     pub dead_letters: CounterVec,
     pub changes: CounterVec,
@@ -28,6 +29,12 @@ impl Default for Metrics {
             ignored: CounterVec::new(
                 "projector_events_ignored_total",
                 "New events of types the projection ignores.",
+                "type",
+            ),
+            thin_events: CounterVec::new(
+                "projector_thin_events_total",
+                "New thin events (v2.core.event), by type: kept in the log, not projected; \
+                 ingest appends their related object as a backfill snapshot.",
                 "type",
             ),
             duplicates: CounterVec::new(
@@ -65,6 +72,7 @@ impl Metrics {
         let mut out = String::with_capacity(4096);
         self.events.render(&mut out);
         self.ignored.render(&mut out);
+        self.thin_events.render(&mut out);
         self.duplicates.render(&mut out);
         self.dead_letters.render(&mut out);
         self.changes.render(&mut out);

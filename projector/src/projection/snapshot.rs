@@ -29,12 +29,16 @@ pub enum ObjectKind {
 
 impl ObjectKind {
     /// The family an event type belongs to, or `None` when the projection ignores that type.
+    /// A backfill snapshot (`<object type>.backfilled`, SPEC §11) belongs to its object's
+    /// family like Stripe's own events of it.
     pub fn for_event_type(event_type: &str) -> Option<ObjectKind> {
         match event_type {
-            "customer.created" | "customer.updated" | "customer.deleted" => {
-                Some(ObjectKind::Customer)
-            }
-            "entitlements.active_entitlement_summary.updated" => {
+            "customer.created"
+            | "customer.updated"
+            | "customer.deleted"
+            | "customer.backfilled" => Some(ObjectKind::Customer),
+            "entitlements.active_entitlement_summary.updated"
+            | "entitlements.active_entitlement_summary.backfilled" => {
                 Some(ObjectKind::EntitlementSummary)
             }
             // A preview of the next invoice: it has no id and is not a state of any real

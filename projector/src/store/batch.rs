@@ -70,6 +70,8 @@ pub struct BatchOutcome {
     pub events_by_type: BTreeMap<String, u64>,
     /// New events whose type the projection ignores, by type.
     pub ignored: BTreeMap<String, u64>,
+    /// New thin events, by type: kept in the log, never projected and never dead letters.
+    pub thin: BTreeMap<String, u64>,
     /// Records skipped because their event id was applied before.
     pub duplicates: u64,
     /// Records below the stored offset (re-deliveries after a rebalance or restart).
@@ -221,6 +223,10 @@ pub async fn apply_batch(
             .entry(event.event_type.clone())
             .or_default() += 1;
         outcome.applied_ids.push(event.event_id.clone());
+        if event.thin {
+            *outcome.thin.entry(event.event_type.clone()).or_default() += 1;
+            continue;
+        }
         if event.snapshot.is_none() {
             *outcome.ignored.entry(event.event_type.clone()).or_default() += 1;
             continue;
