@@ -290,6 +290,28 @@ fn backfilled_completed_checkout_keeps_a_later_purchase_of_the_same_session_gran
 }
 
 #[test]
+fn backfill_of_several_sessions_keeps_the_link_of_the_latest_created_one() {
+    // Arrange: the older session's record outranks the newer one's (expired ranks above
+    // complete in the same second), as any two records of one backfill second may.
+    let session = |id: &str, reference: &str, created: i64, status: &str| {
+        let mut session = testing::checkout_session(id, "subscription", "paid");
+        set(&mut session, "/client_reference_id", json!(reference));
+        set(&mut session, "/created", json!(created));
+        set(&mut session, "/status", json!(status));
+        backfilled(session).project()
+    };
+    let older = session("cs_old", "user_old", T0 - 100, "expired");
+    let newer = session("cs_new", "user_new", T0 - 50, "complete");
+    assert!(older.rank > newer.rank);
+
+    // Act
+    let v = view(&[older, newer]);
+
+    // Assert
+    assert_eq!(v.client_reference_id.as_deref(), Some("user_new"));
+}
+
+#[test]
 fn backfilled_entitlement_summary_grants_its_lookup_keys() {
     let summary = testing::entitlement_summary(CUSTOMER, &["sso", "beta"]);
 

@@ -91,11 +91,17 @@ pub fn compute(state: &CustomerState, policy: &EntitlementPolicy) -> Entitlement
         }
     }
 
+    // The latest session by its own creation time; the rank only breaks ties, since a
+    // backfill gives every session it fetches the same second.
     let client_reference_id = state
         .checkout_sessions
         .values()
-        .filter_map(|(rank, s)| s.client_reference_id.as_ref().map(|id| (rank, id)))
-        .max_by(|a, b| a.0.cmp(b.0))
+        .filter_map(|(rank, s)| {
+            s.client_reference_id
+                .as_ref()
+                .map(|id| ((s.created, rank), id))
+        })
+        .max_by(|a, b| a.0.cmp(&b.0))
         .map(|(_, id)| id.clone());
 
     EntitlementView {

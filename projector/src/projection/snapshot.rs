@@ -138,6 +138,9 @@ pub struct InvoiceSnapshot {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckoutSessionSnapshot {
     pub id: String,
+    /// When the session was created: which of a customer's sessions is the latest must not
+    /// depend on when its events were sent or a backfill fetched it.
+    pub created: Option<i64>,
     pub customer: Option<String>,
     pub client_reference_id: Option<String>,
     pub mode: String,
@@ -358,6 +361,8 @@ struct CheckoutSessionMembers<'a> {
     object: Option<&'a RawValue>,
     #[serde(borrow)]
     id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    created: Option<&'a RawValue>,
     #[serde(borrow)]
     customer: Option<&'a RawValue>,
     #[serde(borrow)]
@@ -766,6 +771,7 @@ impl CheckoutSessionSnapshot {
         };
         Ok(CheckoutSessionSnapshot {
             id: required_id(m.id, &at("id"))?,
+            created: optional(m.created, &at("created"))?,
             customer: optional_ref(m.customer, &at("customer"))?,
             client_reference_id: optional(m.client_reference_id, &at("client_reference_id"))?,
             mode: required(m.mode, &at("mode"))?,
