@@ -258,7 +258,11 @@ async fn three_instances_killed_and_restarted_converge_and_end_each_key_on_its_n
     };
     let mut pipeline = Pipeline::start(options).await;
     let first = pipeline.projector.take().expect("projector started");
-    let mut instances = vec![first, pipeline.spawn_projector(), pipeline.spawn_projector()];
+    let mut instances = vec![
+        first,
+        pipeline.spawn_projector(),
+        pipeline.spawn_projector(),
+    ];
     let client = reqwest::Client::new();
     let customers: Vec<String> = (0..CHAOS_CUSTOMERS)
         .map(|i| format!("cus_chaos_{i:03}"))

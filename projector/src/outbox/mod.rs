@@ -126,7 +126,8 @@ impl Relay {
                     // Another instance may lead by now: what this one still holds must not
                     // reach the topic after the new leader's messages. The new leader
                     // publishes every unmarked row again.
-                    self.producer.purge(PurgeConfig::default().queue().inflight());
+                    self.producer
+                        .purge(PurgeConfig::default().queue().inflight());
                     tracing::warn!("stopped relaying the outbox: the leader lock may be lost");
                 }
             }
@@ -149,8 +150,7 @@ impl Relay {
             match self.publish_round().await {
                 Ok(round) => {
                     backoff = MIN_BACKOFF;
-                    if round.taken as i64 == BATCH || round.published + round.parked < round.taken
-                    {
+                    if round.taken as i64 == BATCH || round.published + round.parked < round.taken {
                         continue; // more are waiting
                     }
                 }

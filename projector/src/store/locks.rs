@@ -75,7 +75,10 @@ mod tests {
         // Instances of different builds run side by side during a deploy; F's rebuild swap and
         // redrive take the same keys. Values: SHA-256(len(account) as u64 BE ‖ account ‖
         // customer), first 8 bytes, big-endian.
-        assert_eq!(customer_lock_key(&key("", "cus_1")), 324_028_403_491_313_774);
+        assert_eq!(
+            customer_lock_key(&key("", "cus_1")),
+            324_028_403_491_313_774
+        );
         assert_eq!(
             customer_lock_key(&key("acct_1", "cus_1")),
             4_353_389_159_212_059_587

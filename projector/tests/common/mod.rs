@@ -383,13 +383,12 @@ impl Pipeline {
             .fetch_one(&mut db)
             .await
             .unwrap_or(None);
-            let pending: i64 =
-                sqlx::query_scalar(
-                    "SELECT count(*) FROM outbox WHERE published_at IS NULL AND parked_at IS NULL",
-                )
-                    .fetch_one(&mut db)
-                    .await
-                    .unwrap_or(1);
+            let pending: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM outbox WHERE published_at IS NULL AND parked_at IS NULL",
+            )
+            .fetch_one(&mut db)
+            .await
+            .unwrap_or(1);
             if applied.unwrap_or(0) as u64 >= self.appended && pending == 0 {
                 return;
             }
