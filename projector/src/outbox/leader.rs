@@ -24,10 +24,18 @@ const PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// `pg_stat_activity`.
 const APPLICATION_NAME: &str = "projector-relay-leader";
 
+/// Postgres ends the lock session after this long without a query from it (the leader pings
+/// every [`HEARTBEAT`]), so a leader that is frozen or cut off from the database loses the lock
+/// within this time even where no TCP reset reaches the server.
+const LEASE: &str = "10s";
+
 /// The lock connection of one instance, leading or not.
 pub struct LeaderLock {
     options: PgConnectOptions,
     connection: Option<PgConnection>,
+    /// The backend pid of the lock session while it holds the lock; the relay reads pending rows
+    /// only while this session holds it (see `Relay::publish_round`).
+    holder: Option<i32>,
 }
 
 impl LeaderLock {
@@ -40,6 +48,7 @@ impl LeaderLock {
         LeaderLock {
             options,
             connection: None,
+            holder: None,
         }
     }
 
@@ -47,19 +56,40 @@ impl LeaderLock {
     pub async fn try_acquire(&mut self) -> Result<bool, sqlx::Error> {
         let connection = match &mut self.connection {
             Some(connection) => connection,
-            None => self
-                .connection
-                .insert(PgConnection::connect_with(&self.options).await?),
+            None => {
+                let mut connection = PgConnection::connect_with(&self.options).await?;
+                // Postgres 14 and later; an older server keeps the session until TCP tells it.
+                if let Err(e) = sqlx::query(&format!("SET idle_session_timeout = '{LEASE}'"))
+                    .execute(&mut connection)
+                    .await
+                {
+                    tracing::debug!(error = %e, "no idle_session_timeout on this server");
+                }
+                self.connection.insert(connection)
+            }
         };
-        let taken = sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock($1)")
-            .bind(RELAY_LEADER_LOCK)
-            .fetch_one(&mut *connection)
-            .await;
-        if taken.is_err() {
-            // A broken connection is replaced at the next attempt.
-            self.connection = None;
+        let attempt =
+            sqlx::query_as::<_, (bool, i32)>("SELECT pg_try_advisory_lock($1), pg_backend_pid()")
+                .bind(RELAY_LEADER_LOCK)
+                .fetch_one(&mut *connection)
+                .await;
+        match attempt {
+            Ok((taken, pid)) => {
+                self.holder = taken.then_some(pid);
+                Ok(taken)
+            }
+            Err(e) => {
+                // A broken connection is replaced at the next attempt.
+                self.connection = None;
+                self.holder = None;
+                Err(e)
+            }
         }
-        taken
+    }
+
+    /// The backend pid of the session holding the lock, while this instance leads.
+    pub fn holder(&self) -> Option<i32> {
+        self.holder
     }
 
     /// Resolves when the lock can no longer be trusted: the lock connection failed or was too
@@ -86,10 +116,12 @@ impl LeaderLock {
             }
         }
         self.connection = None;
+        self.holder = None;
     }
 
     /// Ends the session, which releases the lock at once for the next leader.
     pub async fn release(&mut self) {
+        self.holder = None;
         if let Some(connection) = self.connection.take() {
             if let Err(e) = connection.close().await {
                 tracing::warn!(error = %e, "closing the relay lock connection failed; Postgres releases the lock when it notices");

@@ -22,6 +22,7 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
+use crate::store::RELAY_LEADER_LOCK;
 pub use leader::{LeaderLock, FOLLOWER_RETRY, HEARTBEAT};
 
 /// Rows published per round.
@@ -110,10 +111,16 @@ impl Relay {
                     continue;
                 }
             }
+            let Some(holder) = lock.holder() else {
+                continue;
+            };
             self.metrics.relay_leader.store(true, Ordering::Relaxed);
-            tracing::info!("this instance leads the outbox relay");
+            tracing::info!(
+                lock_session = holder,
+                "this instance leads the outbox relay"
+            );
             let end = tokio::select! {
-                () = self.lead(&mut shutdown) => TermEnd::Stopped,
+                () = self.lead(holder, &mut shutdown) => TermEnd::Stopped,
                 () = lock.lost() => TermEnd::LostLock,
             };
             self.metrics.relay_leader.store(false, Ordering::Relaxed);
@@ -136,7 +143,8 @@ impl Relay {
     }
 
     /// The leader's loop: rounds until `shutdown`, woken by `NOTIFY outbox` or the poll.
-    async fn lead(&self, shutdown: &mut watch::Receiver<bool>) {
+    /// `holder` is the backend pid of the session holding the leader lock.
+    async fn lead(&self, holder: i32, shutdown: &mut watch::Receiver<bool>) {
         let mut listener = match PgListener::connect_with(&self.pool).await {
             Ok(mut listener) => match listener.listen("outbox").await {
                 Ok(()) => Some(listener),
@@ -147,7 +155,7 @@ impl Relay {
         let mut backoff = MIN_BACKOFF;
         let mut rounds: u64 = 0;
         loop {
-            match self.publish_round().await {
+            match self.publish_round(holder).await {
                 Ok(round) => {
                     backoff = MIN_BACKOFF;
                     if round.taken as i64 == BATCH || round.published + round.parked < round.taken {
@@ -185,7 +193,7 @@ impl Relay {
             }
         }
         // Last round so that a clean stop leaves nothing behind.
-        if let Err(e) = self.publish_round().await {
+        if let Err(e) = self.publish_round(holder).await {
             tracing::warn!(error = %e, "outbox rows left unpublished at shutdown; they go out at the next start");
         }
     }
@@ -193,12 +201,24 @@ impl Relay {
     /// Publishes one round of pending rows in id order and marks what Kafka acknowledged (a
     /// prefix, so a retry never puts an older version after a newer one) and what it can never
     /// take.
-    async fn publish_round(&self) -> Result<Round, RelayError> {
+    ///
+    /// Rows are read only while the lock session `holder` still holds the leader lock: a leader
+    /// that was frozen past its lease, and resumes before its heartbeat notices, reads nothing
+    /// instead of publishing after its successor.
+    async fn publish_round(&self, holder: i32) -> Result<Round, RelayError> {
         let rows: Vec<OutboxRow> = sqlx::query_as(
             "SELECT id, topic, key, payload, headers FROM outbox
-             WHERE published_at IS NULL AND parked_at IS NULL ORDER BY id LIMIT $1",
+             WHERE published_at IS NULL AND parked_at IS NULL
+               AND EXISTS (SELECT 1 FROM pg_locks
+                           WHERE locktype = 'advisory' AND granted AND pid = $2
+                             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                             AND classid::int8 = $3 >> 32 AND objid::int8 = $3 & 4294967295
+                             AND objsubid = 1)
+             ORDER BY id LIMIT $1",
         )
         .bind(BATCH)
+        .bind(holder)
+        .bind(RELAY_LEADER_LOCK)
         .fetch_all(&self.pool)
         .await?;
         let mut round = Round {
