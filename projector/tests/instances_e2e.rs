@@ -694,3 +694,78 @@ async fn a_leader_whose_lock_connection_is_cut_hands_over_and_messages_keep_flow
     assert_eq!(changes[0].1["features"], json!(["api", "pro"]));
     drop(two);
 }
+
+/// Sends a signal to a service's process.
+fn signal(instance: &Service, name: &str) {
+    let status = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &instance.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{name}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_leader_loses_the_lead_to_another_instance_and_steps_down_when_it_resumes() {
+    // Arrange: two instances, one of them leading.
+    let mut pipeline = Pipeline::start(Options::default()).await;
+    let other = pipeline.spawn_projector();
+    let client = reqwest::Client::new();
+    let mut instances = vec![pipeline.projector.take().unwrap(), other];
+    let frozen = the_leader(&client, &instances, Duration::from_secs(10)).await;
+    let successor = 1 - frozen;
+
+    // Act: the leader stops answering anything (SIGSTOP: a stuck VM, a long pause), its
+    // sockets stay open, so only the lease can free the lock.
+    signal(&instances[frozen], "STOP");
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(25);
+    while relay_leader(&client, &instances[successor]).await != Some(true) {
+        assert!(
+            Instant::now() < deadline,
+            "the other instance did not take the lead from a frozen leader"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "relay takeover from a frozen leader: {} ms",
+        started.elapsed().as_millis()
+    );
+    signal(&instances[frozen], "CONT");
+
+    // Assert: the resumed instance follows, and exactly one leads.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while relay_leader(&client, &instances[frozen]).await != Some(false) {
+        assert!(
+            Instant::now() < deadline,
+            "the resumed ex-leader still claims the lead"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        the_leader(&client, &instances, Duration::from_secs(5)).await,
+        successor
+    );
+    pipeline.projector = Some(instances.remove(successor));
+    pipeline
+        .send(
+            &Event::new(
+                "evt_after_freeze",
+                "customer.subscription.created",
+                T0,
+                subscription(
+                    "sub_freeze",
+                    "cus_freeze",
+                    "active",
+                    &[TEAM],
+                    T0 + MONTH,
+                    true,
+                ),
+            )
+            .body(),
+        )
+        .await;
+    pipeline.settle().await;
+    let changes = pipeline.changes();
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(changes[0].1["features"], json!(["team"]));
+}
