@@ -29,6 +29,14 @@ const APPLICATION_NAME: &str = "projector-relay-leader";
 /// within this time even where no TCP reset reaches the server.
 const LEASE: &str = "10s";
 
+/// The answer to one attempt at the lock.
+#[derive(sqlx::FromRow)]
+struct LockAttempt {
+    taken: bool,
+    /// The backend pid of the lock session.
+    session: i32,
+}
+
 /// The lock connection of one instance, leading or not.
 pub struct LeaderLock {
     options: PgConnectOptions,
@@ -68,14 +76,15 @@ impl LeaderLock {
                 self.connection.insert(connection)
             }
         };
-        let attempt =
-            sqlx::query_as::<_, (bool, i32)>("SELECT pg_try_advisory_lock($1), pg_backend_pid()")
-                .bind(RELAY_LEADER_LOCK)
-                .fetch_one(&mut *connection)
-                .await;
+        let attempt = sqlx::query_as::<_, LockAttempt>(
+            "SELECT pg_try_advisory_lock($1) AS taken, pg_backend_pid() AS session",
+        )
+        .bind(RELAY_LEADER_LOCK)
+        .fetch_one(&mut *connection)
+        .await;
         match attempt {
-            Ok((taken, pid)) => {
-                self.holder = taken.then_some(pid);
+            Ok(LockAttempt { taken, session }) => {
+                self.holder = taken.then_some(session);
                 Ok(taken)
             }
             Err(e) => {
