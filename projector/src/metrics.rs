@@ -1,6 +1,7 @@
 //! The projector's metrics: events by type, duplicates, dead letters, lag, batch latency.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use shared::metrics::{render_gauge, CounterVec, Histogram, LATENCY_BUCKETS};
@@ -14,6 +15,10 @@ pub struct Metrics {
     pub changes: CounterVec,
     pub batch_latency: Histogram,
     pub published: CounterVec,
+    /// Outbox rows the broker can never take (too large, invalid), set aside by reason.
+    pub parked: CounterVec,
+    /// Whether this instance holds the relay leader lock and so relays the outbox.
+    pub relay_leader: AtomicBool,
     /// Consumer lag per partition, refreshed periodically.
     pub lag: Mutex<BTreeMap<i32, i64>>,
 }
@@ -62,6 +67,12 @@ impl Default for Metrics {
                 "Outbox messages acknowledged by Kafka.",
                 "topic",
             ),
+            parked: CounterVec::new(
+                "projector_outbox_parked_total",
+                "Outbox messages set aside because Kafka can never take them, by reason.",
+                "reason",
+            ),
+            relay_leader: AtomicBool::new(false),
             lag: Mutex::new(BTreeMap::new()),
         }
     }
@@ -77,6 +88,13 @@ impl Metrics {
         self.dead_letters.render(&mut out);
         self.changes.render(&mut out);
         self.published.render(&mut out);
+        self.parked.render(&mut out);
+        render_gauge(
+            &mut out,
+            "projector_relay_leader",
+            "1 while this instance is the one relaying the outbox, else 0.",
+            u8::from(self.relay_leader.load(Ordering::Relaxed)),
+        );
         self.batch_latency.render(&mut out);
         let lag = self.lag.lock().unwrap_or_else(|e| e.into_inner());
         render_gauge(

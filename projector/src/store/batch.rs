@@ -15,6 +15,7 @@ use crate::projection::{
 };
 
 use super::load_states;
+use super::locks::lock_customers;
 
 /// A record as consumed: where it is and its bytes.
 #[derive(Debug, Clone)]
@@ -46,10 +47,17 @@ impl BatchMode {
     fn emits(self) -> bool {
         matches!(self, BatchMode::Live | BatchMode::Redrive)
     }
+
+    /// Whether the batch writes the live tables, which others write concurrently: it then takes
+    /// the rebuild lock shared (to wait while a rebuild swaps them) and the customers' locks.
+    /// A rebuild's own batches write a schema nobody else writes.
+    fn writes_live_tables(self) -> bool {
+        matches!(self, BatchMode::Live | BatchMode::Redrive)
+    }
 }
 
-/// Key of the advisory lock that a rebuild holds exclusively while it swaps; live batches take
-/// it shared, so they pause between batches and resume on the swapped tables.
+/// Key of the advisory lock that a rebuild holds exclusively while it swaps; live batches and
+/// redrives take it shared, so they pause between batches and resume on the swapped tables.
 pub const REBUILD_LOCK: i64 = 0x5354_5249_5045_0001;
 
 /// What a batch needs besides its records.
@@ -127,7 +135,7 @@ pub async fn apply_batch(
 ) -> Result<BatchOutcome, sqlx::Error> {
     let mut outcome = BatchOutcome::default();
     let mut tx = pool.begin().await?;
-    if ctx.mode == BatchMode::Live {
+    if ctx.mode.writes_live_tables() {
         sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
             .bind(REBUILD_LOCK)
             .execute(&mut *tx)
@@ -240,8 +248,13 @@ pub async fn apply_batch(
         }
     }
 
-    // 5. Upsert the newest snapshot per object, guarded by rank in SQL as well.
+    // 5. Lock every touched customer before anything of theirs is written or read, so that a
+    //    concurrent batch or redrive of the same customer commits entirely before or after
+    //    this one. Then upsert the newest snapshot per object, guarded by rank in SQL as well.
     let batch = coalesce(projected.into_iter().map(|(e, _)| e));
+    if ctx.mode.writes_live_tables() {
+        lock_customers(&mut tx, batch.customers.keys()).await?;
+    }
     upsert_objects(&mut tx, &batch.objects).await?;
     let deleted: Vec<&CustomerKey> = batch
         .customers

@@ -3,6 +3,7 @@
 
 mod batch;
 mod load;
+pub mod locks;
 pub mod read;
 
 use std::time::Duration;
@@ -16,6 +17,7 @@ pub use batch::{
     REBUILD_LOCK,
 };
 pub use load::load_states;
+pub use locks::{lock_customers, RELAY_LEADER_LOCK};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
