@@ -13,6 +13,8 @@ pub struct Metrics {
     pub changes: CounterVec,
     pub batch_latency: Histogram,
     pub published: CounterVec,
+    /// Offset gaps accepted because retention removed the records, by partition.
+    pub offset_gaps: CounterVec,
     /// Consumer lag per partition, refreshed periodically.
     pub lag: Mutex<BTreeMap<i32, i64>>,
 }
@@ -55,6 +57,11 @@ impl Default for Metrics {
                 "Outbox messages acknowledged by Kafka.",
                 "topic",
             ),
+            offset_gaps: CounterVec::new(
+                "projector_offset_gaps_total",
+                "Offset gaps accepted because the records were below the log's low watermark (removed by retention).",
+                "partition",
+            ),
             lag: Mutex::new(BTreeMap::new()),
         }
     }
@@ -69,6 +76,7 @@ impl Metrics {
         self.dead_letters.render(&mut out);
         self.changes.render(&mut out);
         self.published.render(&mut out);
+        self.offset_gaps.render(&mut out);
         self.batch_latency.render(&mut out);
         let lag = self.lag.lock().unwrap_or_else(|e| e.into_inner());
         render_gauge(
