@@ -7,7 +7,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use sqlx::Row;
 
@@ -349,5 +352,154 @@ async fn an_old_event_redelivered_after_its_id_was_pruned_changes_nothing() {
         "after re-applying pruned events",
         &projections_before,
         &pipeline.projections().await,
+    );
+}
+
+fn customer_update(customer_id: &str, n: i64) -> String {
+    let mut object = customer(customer_id, false);
+    object["name"] = json!(format!("Name {n}"));
+    Event::new(
+        &format!("evt_{customer_id}_{n}"),
+        "customer.updated",
+        T0 + n,
+        object,
+    )
+    .body()
+}
+
+/// The partition and stored next offset of the only partition with progress.
+async fn only_partition(pipeline: &Pipeline) -> (i32, i64) {
+    let mut db = pipeline.db().await;
+    let rows: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT partition, next_offset FROM consumer_offsets WHERE topic = $1 AND next_offset > 0",
+    )
+    .bind(&pipeline.events_topic)
+    .fetch_all(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 1, "one customer, one partition: {rows:?}");
+    rows[0]
+}
+
+async fn latest_event_of(pipeline: &Pipeline, customer_id: &str) -> String {
+    let mut db = pipeline.db().await;
+    sqlx::query_scalar("SELECT rank_event_id FROM customers WHERE id = $1")
+        .bind(customer_id)
+        .fetch_one(&mut db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_gap_of_records_removed_by_retention_is_accepted_logged_and_counted() {
+    // Arrange: three records applied, then three more while the projector is down, and the
+    // log's start moved past the first two of those (what retention does).
+    let mut pipeline = Pipeline::start(Options::default()).await;
+    pipeline
+        .send_all(
+            &(0..3)
+                .map(|n| customer_update("cus_gap", n))
+                .collect::<Vec<_>>(),
+        )
+        .await;
+    pipeline.settle().await;
+    let (partition, next) = only_partition(&pipeline).await;
+    assert_eq!(next, 3);
+    pipeline.projector.take().unwrap().terminate();
+    pipeline
+        .send_all(
+            &(3..6)
+                .map(|n| customer_update("cus_gap", n))
+                .collect::<Vec<_>>(),
+        )
+        .await;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let mut before = TopicPartitionList::new();
+    before
+        .add_partition_offset(&pipeline.events_topic, partition, Offset::Offset(5))
+        .unwrap();
+    admin
+        .delete_records(&before, &AdminOptions::new())
+        .await
+        .expect("delete records below offset 5");
+    // The records below the new start can no longer be read.
+    pipeline.appended -= 2;
+
+    // Act
+    pipeline.start_projector();
+    pipeline.settle().await;
+
+    // Assert: the partition went on from the log's start, and said so.
+    assert_eq!(only_partition(&pipeline).await, (partition, 6));
+    assert_eq!(latest_event_of(&pipeline, "cus_gap").await, "evt_cus_gap_5");
+    assert_eq!(
+        metric(
+            &pipeline,
+            &format!("projector_offset_gaps_total{{partition=\"{partition}\"}}")
+        )
+        .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_gap_over_records_the_log_still_holds_is_read_again_never_skipped() {
+    // Arrange: six records applied; then Postgres' stored offset is set back to 3, as if the
+    // batch of 3..6 had never committed, while the consumer has read on.
+    let mut pipeline = Pipeline::start(Options::default()).await;
+    pipeline
+        .send_all(
+            &(0..6)
+                .map(|n| customer_update("cus_hole", n))
+                .collect::<Vec<_>>(),
+        )
+        .await;
+    pipeline.settle().await;
+    let (partition, _) = only_partition(&pipeline).await;
+    let mut db = pipeline.db().await;
+    sqlx::query("DELETE FROM processed_events WHERE event_id = 'evt_cus_hole_4'")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE consumer_offsets SET next_offset = 3 WHERE topic = $1 AND partition = $2")
+        .bind(&pipeline.events_topic)
+        .bind(partition)
+        .execute(&mut db)
+        .await
+        .unwrap();
+
+    // Act: the next record (offset 6) finds the stored offset behind it.
+    pipeline.send(&customer_update("cus_hole", 6)).await;
+    pipeline.settle().await;
+
+    // Assert: 3..6 were read again rather than skipped (4, whose id was forgotten, applied
+    // anew; 3 and 5 recognised as applied), and no gap was accepted.
+    assert_eq!(only_partition(&pipeline).await, (partition, 7));
+    assert_eq!(
+        latest_event_of(&pipeline, "cus_hole").await,
+        "evt_cus_hole_6"
+    );
+    assert_eq!(
+        metric(
+            &pipeline,
+            "projector_events_applied_total{type=\"customer.updated\"}"
+        )
+        .await,
+        8.0
+    );
+    assert_eq!(
+        metric(&pipeline, "projector_duplicates_total{kind=\"event_id\"}").await,
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &pipeline,
+            &format!("projector_offset_gaps_total{{partition=\"{partition}\"}}")
+        )
+        .await,
+        0.0
     );
 }
