@@ -307,7 +307,7 @@ impl ConsumeLoop {
             mode: BatchMode::Live,
             accept_gaps,
         };
-        apply_isolating(&self.pool, &ctx, records, shutdown).await
+        apply_isolating(&self.pool, &ctx, records, &self.metrics, shutdown).await
     }
 
     /// Seeks back where records were skipped, and returns the partitions whose gap lies wholly

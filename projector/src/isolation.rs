@@ -8,6 +8,7 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 use tracing::Instrument;
 
+use crate::metrics::Metrics;
 use crate::store::error::{classify, DataError, Failure};
 use crate::store::{apply_batch, dead_letter_rejected, BatchContext, BatchOutcome, InputRecord};
 
@@ -26,6 +27,7 @@ pub async fn apply_isolating(
     pool: &PgPool,
     ctx: &BatchContext<'_>,
     records: &[InputRecord],
+    metrics: &Metrics,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<BatchOutcome> {
     let mut total = BatchOutcome::default();
@@ -52,6 +54,7 @@ pub async fn apply_isolating(
         };
         match classify(&error) {
             Failure::Transient => {
+                metrics.batch_failures.inc("transient");
                 span.in_scope(|| {
                     tracing::error!(error = %error, retry_in_ms = backoff.as_millis() as u64, "batch failed; retrying");
                 });
@@ -59,6 +62,7 @@ pub async fn apply_isolating(
                 wait(&mut backoff, shutdown).await?;
             }
             Failure::Data(data) if slice.len() > 1 => {
+                metrics.batch_failures.inc("data");
                 span.in_scope(|| {
                     tracing::warn!(error = %data.describe(), "a record was refused; bisecting the batch to find it");
                 });
@@ -67,6 +71,7 @@ pub async fn apply_isolating(
                 pending.push(first);
             }
             Failure::Data(data) => {
+                metrics.batch_failures.inc("data");
                 let outcome =
                     dead_letter_with_retry(pool, ctx, &slice[0], &data, &mut backoff, shutdown)
                         .instrument(span)

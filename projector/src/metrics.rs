@@ -15,6 +15,8 @@ pub struct Metrics {
     pub published: CounterVec,
     /// Offset gaps accepted because retention removed the records, by partition.
     pub offset_gaps: CounterVec,
+    /// Failed batch transactions: `transient` (retried) or `data` (the batch was bisected).
+    pub batch_failures: CounterVec,
     /// Consumer lag per partition, refreshed periodically.
     pub lag: Mutex<BTreeMap<i32, i64>>,
 }
@@ -62,6 +64,11 @@ impl Default for Metrics {
                 "Offset gaps accepted because the records were below the log's low watermark (removed by retention).",
                 "partition",
             ),
+            batch_failures: CounterVec::new(
+                "projector_batch_failures_total",
+                "Failed batch transactions, by kind: transient (retried with backoff) or data (bisected to the refused record).",
+                "kind",
+            ),
             lag: Mutex::new(BTreeMap::new()),
         }
     }
@@ -77,6 +84,7 @@ impl Metrics {
         self.changes.render(&mut out);
         self.published.render(&mut out);
         self.offset_gaps.render(&mut out);
+        self.batch_failures.render(&mut out);
         self.batch_latency.render(&mut out);
         let lag = self.lag.lock().unwrap_or_else(|e| e.into_inner());
         render_gauge(

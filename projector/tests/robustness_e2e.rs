@@ -259,6 +259,11 @@ async fn a_record_postgres_refuses_becomes_a_dead_letter_with_its_sqlstate_and_i
         Some("database_rejected")
     );
     assert_eq!(header(&published[0], "dlq-sqlstate"), Some("23514"));
+    assert!(metric(&pipeline, "projector_batch_failures_total{kind=\"data\"}").await >= 2.0);
+    assert_eq!(
+        metric(&pipeline, "projector_dead_letters_total{reason=\"all\"}").await,
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -500,6 +505,59 @@ async fn a_gap_over_records_the_log_still_holds_is_read_again_never_skipped() {
             &format!("projector_offset_gaps_total{{partition=\"{partition}\"}}")
         )
         .await,
+        0.0
+    );
+}
+
+#[tokio::test]
+async fn a_missing_table_is_retried_until_it_is_back_and_nothing_is_dead_lettered_or_skipped() {
+    // Arrange: the deployment is wrong (a table the binary needs is gone), not the record.
+    let mut pipeline = Pipeline::start(Options::default()).await;
+    let mut db = pipeline.db().await;
+    sqlx::query("ALTER TABLE customers RENAME TO customers_away")
+        .execute(&mut db)
+        .await
+        .unwrap();
+
+    // Act: an event arrives while it is missing; then the table comes back.
+    pipeline
+        .send(
+            &Event::new(
+                "evt_away_1",
+                "customer.created",
+                T0,
+                customer("cus_away", false),
+            )
+            .body(),
+        )
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(
+        &pipeline,
+        "projector_batch_failures_total{kind=\"transient\"}",
+    )
+    .await
+        < 2.0
+    {
+        assert!(Instant::now() < deadline, "the batch was not retried");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sqlx::query("ALTER TABLE customers_away RENAME TO customers")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    pipeline.settle().await;
+
+    // Assert
+    let (status, _) = pipeline.get("/v1/customers/cus_away/entitlements").await;
+    assert_eq!(status, 200, "the event was applied once the table was back");
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(dead, 0);
+    assert_eq!(
+        metric(&pipeline, "projector_batch_failures_total{kind=\"data\"}").await,
         0.0
     );
 }
