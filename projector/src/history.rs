@@ -15,6 +15,7 @@ use crate::projection::{
     compute, project, CustomerState, EntitlementPolicy, EntitlementView, ProjectedEvent,
 };
 use crate::store::same_entitlements;
+use crate::store::text::storable_json;
 
 /// One change of the customer's entitlement object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -153,7 +154,9 @@ pub fn read_customer_events(
         let Some(payload) = message.payload() else {
             continue;
         };
-        if let Ok(envelope) = EventEnvelope::parse(payload) {
+        // As the live projector does, so that a record it projects is in the timeline too.
+        let payload = storable_json(payload);
+        if let Ok(envelope) = EventEnvelope::parse(&payload) {
             if let Ok(event) = project(&envelope) {
                 events.push(event);
             }

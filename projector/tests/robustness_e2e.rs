@@ -88,11 +88,18 @@ async fn an_event_with_a_nul_in_its_metadata_is_projected_and_later_customers_fo
     // Arrange: a NUL in a subscription's metadata, which Postgres' jsonb refuses as-is.
     let mut pipeline = Pipeline::start(Options::default()).await;
     let mut object = subscription("sub_nul", "cus_nul", "active", &[PRO], T0 + MONTH, true);
-    object["metadata"] = json!({"note": "before\u{0}after", "plan\u{0}": "x"});
-    let poison = Event::new("evt_nul", "customer.subscription.created", T0, object).body();
+    object["metadata"] = json!({"note": "before\u{0}after", "plan\u{0}": "x", "half": "SURROGATE"});
+    // An unpaired surrogate escape, which no Rust string can hold, jsonb refuses as well.
+    let poison = Event::new("evt_nul", "customer.subscription.created", T0, object)
+        .body()
+        .replace("SURROGATE", r"\ud800");
     assert!(
         poison.contains(r"before\u0000after"),
         "the body carries the NUL escape"
+    );
+    assert!(
+        poison.contains(r#""half":"\ud800""#),
+        "and the lone surrogate"
     );
     let others: Vec<String> = (0..30)
         .map(|n| subscription_created(n, &format!("cus_after_nul_{n}")))
@@ -123,7 +130,7 @@ async fn an_event_with_a_nul_in_its_metadata_is_projected_and_later_customers_fo
     let metadata: Value = serde_json::from_str(&metadata).unwrap();
     assert_eq!(
         metadata,
-        json!({"note": "before\u{fffd}after", "plan\u{fffd}": "x"})
+        json!({"note": "before\u{fffd}after", "plan\u{fffd}": "x", "half": "\u{fffd}"})
     );
     let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
         .fetch_one(&mut db)
