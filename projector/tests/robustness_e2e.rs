@@ -116,6 +116,10 @@ async fn an_event_with_a_nul_in_its_metadata_is_projected_and_later_customers_fo
         let left = Duration::from_secs(15).saturating_sub(sent.elapsed());
         wait_for_features(&pipeline, &customer, json!(["api", "pro"]), left).await;
     }
+    println!(
+        "30 customers sent after the NUL event projected {} ms after the last send",
+        sent.elapsed().as_millis()
+    );
     // Assert: the event itself is projected, the NUL replaced by U+FFFD in the stored snapshot.
     pipeline.settle().await;
     let view = pipeline.entitlements("cus_nul", None).await;
