@@ -19,6 +19,10 @@ pub struct Metrics {
     pub parked: CounterVec,
     /// Whether this instance holds the relay leader lock and so relays the outbox.
     pub relay_leader: AtomicBool,
+    /// Offset gaps accepted because retention removed the records, by partition.
+    pub offset_gaps: CounterVec,
+    /// Failed batch transactions: `transient` (retried) or `data` (the batch was bisected).
+    pub batch_failures: CounterVec,
     /// Consumer lag per partition, refreshed periodically.
     pub lag: Mutex<BTreeMap<i32, i64>>,
 }
@@ -73,6 +77,16 @@ impl Default for Metrics {
                 "reason",
             ),
             relay_leader: AtomicBool::new(false),
+            offset_gaps: CounterVec::new(
+                "projector_offset_gaps_total",
+                "Offset gaps accepted because the records were below the log's low watermark (removed by retention).",
+                "partition",
+            ),
+            batch_failures: CounterVec::new(
+                "projector_batch_failures_total",
+                "Failed batch transactions, by kind: transient (retried with backoff) or data (bisected to the refused record).",
+                "kind",
+            ),
             lag: Mutex::new(BTreeMap::new()),
         }
     }
@@ -95,6 +109,8 @@ impl Metrics {
             "1 while this instance is the one relaying the outbox, else 0.",
             u8::from(self.relay_leader.load(Ordering::Relaxed)),
         );
+        self.offset_gaps.render(&mut out);
+        self.batch_failures.render(&mut out);
         self.batch_latency.render(&mut out);
         let lag = self.lag.lock().unwrap_or_else(|e| e.into_inner());
         render_gauge(

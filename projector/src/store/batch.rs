@@ -16,6 +16,10 @@ use crate::projection::{
 
 use super::load_states;
 use super::locks::lock_customers;
+use super::text::storable_json;
+
+/// DLQ header of a record Postgres refused: its SQLSTATE.
+pub const DLQ_SQLSTATE: &str = "dlq-sqlstate";
 
 /// A record as consumed: where it is and its bytes.
 #[derive(Debug, Clone)]
@@ -40,11 +44,11 @@ pub enum BatchMode {
 }
 
 impl BatchMode {
-    fn tracks_offsets(self) -> bool {
+    pub(super) fn tracks_offsets(self) -> bool {
         matches!(self, BatchMode::Live | BatchMode::Rebuild)
     }
 
-    fn emits(self) -> bool {
+    pub(super) fn emits(self) -> bool {
         matches!(self, BatchMode::Live | BatchMode::Redrive)
     }
 
@@ -99,12 +103,14 @@ pub struct BatchOutcome {
 }
 
 /// A record that could not be used, and why (stable reason code + message).
-struct DeadLetter<'r> {
-    record: &'r InputRecord,
-    event_id: Option<String>,
-    event_type: Option<String>,
-    reason: &'static str,
-    message: String,
+pub(super) struct DeadLetter<'r> {
+    pub(super) record: &'r InputRecord,
+    pub(super) event_id: Option<String>,
+    pub(super) event_type: Option<String>,
+    pub(super) reason: &'static str,
+    pub(super) message: String,
+    /// When Postgres refused the record: its SQLSTATE.
+    pub(super) sqlstate: Option<String>,
 }
 
 /// The change message of SPEC §9.
@@ -177,16 +183,20 @@ pub async fn apply_batch(
                 event_type: None,
                 reason: "empty_record",
                 message: "the record has no value".into(),
+                sqlstate: None,
             });
             continue;
         };
-        match EventEnvelope::parse(payload) {
+        // What Postgres cannot store (a NUL in metadata) is replaced, so the event is projected.
+        let payload = storable_json(payload);
+        match EventEnvelope::parse(&payload) {
             Err(e) => dead.push(DeadLetter {
                 record,
                 event_id: None,
                 event_type: None,
                 reason: "invalid_envelope",
                 message: e.to_string(),
+                sqlstate: None,
             }),
             Ok(envelope) => match project(&envelope) {
                 Ok(event) => projected.push((event, record)),
@@ -196,6 +206,7 @@ pub async fn apply_batch(
                     event_type: Some(envelope.event_type.to_owned()),
                     reason: "unexpected_shape",
                     message: e.to_string(),
+                    sqlstate: None,
                 }),
             },
         }
@@ -322,7 +333,7 @@ pub async fn apply_batch(
     Ok(outcome)
 }
 
-async fn lock_offsets(
+pub(super) async fn lock_offsets(
     tx: &mut Transaction<'_, Postgres>,
     topic: &str,
     records: &[InputRecord],
@@ -855,7 +866,7 @@ impl OutboxRows {
     }
 }
 
-async fn write_dead_letters(
+pub(super) async fn write_dead_letters(
     tx: &mut Transaction<'_, Postgres>,
     ctx: &BatchContext<'_>,
     dead: &[DeadLetter<'_>],
@@ -876,10 +887,10 @@ async fn write_dead_letters(
             "dead letter"
         );
         sqlx::query(
-            "INSERT INTO dead_letters (event_id, event_type, topic, partition, \"offset\", reason, message, payload)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+            "INSERT INTO dead_letters (event_id, event_type, topic, partition, \"offset\", reason, message, payload, sqlstate)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
              ON CONFLICT (topic, partition, \"offset\") DO UPDATE SET reason = EXCLUDED.reason,
-                 message = EXCLUDED.message, redriven_at = NULL",
+                 message = EXCLUDED.message, sqlstate = EXCLUDED.sqlstate, redriven_at = NULL",
         )
         .bind(&d.event_id)
         .bind(&d.event_type)
@@ -889,13 +900,17 @@ async fn write_dead_letters(
         .bind(d.reason)
         .bind(&d.message)
         .bind(&payload)
+        .bind(&d.sqlstate)
         .execute(&mut **tx)
         .await?;
-        let headers = serde_json::json!({
+        let mut headers = serde_json::json!({
             header::DLQ_REASON: d.reason,
             header::DLQ_MESSAGE: d.message,
             header::DLQ_SOURCE: source,
         });
+        if let Some(sqlstate) = &d.sqlstate {
+            headers[DLQ_SQLSTATE] = serde_json::json!(sqlstate);
+        }
         // A redriven record that fails again is already in the DLQ topic; a rebuild's were
         // published when live processing met them.
         if ctx.mode == BatchMode::Live {
