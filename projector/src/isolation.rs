@@ -117,29 +117,46 @@ async fn wait(backoff: &mut Duration, shutdown: &mut watch::Receiver<bool>) -> O
 impl BatchOutcome {
     /// Adds what a later part of the same batch did.
     pub fn absorb(&mut self, other: BatchOutcome) {
-        for (event_type, n) in other.events_by_type {
-            *self.events_by_type.entry(event_type).or_default() += n;
+        // Destructured whole, so that a new field of the outcome cannot be forgotten here.
+        let BatchOutcome {
+            events_by_type,
+            ignored,
+            thin,
+            duplicates,
+            replayed,
+            dead_letters,
+            changes,
+            gaps,
+            next_offsets,
+            applied_ids,
+            dead_positions,
+        } = other;
+        for (counts, more) in [
+            (&mut self.events_by_type, events_by_type),
+            (&mut self.ignored, ignored),
+            (&mut self.thin, thin),
+        ] {
+            for (event_type, n) in more {
+                *counts.entry(event_type).or_default() += n;
+            }
         }
-        for (event_type, n) in other.ignored {
-            *self.ignored.entry(event_type).or_default() += n;
-        }
-        self.duplicates += other.duplicates;
-        self.replayed += other.replayed;
-        self.dead_letters += other.dead_letters;
-        self.changes += other.changes;
-        for (partition, next) in other.gaps {
+        self.duplicates += duplicates;
+        self.replayed += replayed;
+        self.dead_letters += dead_letters;
+        self.changes += changes;
+        for (partition, next) in gaps {
             if !self.gaps.iter().any(|(p, _)| *p == partition) {
                 self.gaps.push((partition, next));
             }
         }
-        for (partition, next) in other.next_offsets {
+        for (partition, next) in next_offsets {
             match self.next_offsets.iter_mut().find(|(p, _)| *p == partition) {
                 Some((_, stored)) => *stored = (*stored).max(next),
                 None => self.next_offsets.push((partition, next)),
             }
         }
-        self.applied_ids.extend(other.applied_ids);
-        self.dead_positions.extend(other.dead_positions);
+        self.applied_ids.extend(applied_ids);
+        self.dead_positions.extend(dead_positions);
     }
 }
 
