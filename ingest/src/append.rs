@@ -9,7 +9,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use shared::envelope::header;
 use shared::kafka::durable_producer_config;
-use shared::EventEnvelope;
+use shared::{EventEnvelope, EventSource};
 
 use crate::metrics::Metrics;
 
@@ -99,7 +99,8 @@ impl EventLog {
         })
     }
 
-    /// Appends a verified Stripe event to the raw log, keyed and with the headers of SPEC §5.
+    /// Appends a verified Stripe event (snapshot or thin) to the raw log, keyed and with the
+    /// headers of SPEC §5.
     pub async fn append_event(
         &self,
         event: &EventEnvelope<'_>,
@@ -125,7 +126,8 @@ impl EventLog {
         }
         headers = headers
             .insert(h(header::SIGNATURE, receipt.signature))
-            .insert(h(header::RECEIVED_AT, &received_at));
+            .insert(h(header::RECEIVED_AT, &received_at))
+            .insert(h(header::SOURCE, EventSource::Webhook.as_str()));
         let key = event.partition_key();
         let record = FutureRecord::to(&self.events_topic)
             .key(&key)

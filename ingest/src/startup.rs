@@ -1,6 +1,7 @@
 //! Builds the application: the producer, the topics, the listener, the routes.
 
 use std::net::TcpListener;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::dev::Server;
@@ -10,13 +11,16 @@ use shared::kafka::{ensure_topics, TopicSpec};
 use crate::append::EventLog;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::routes;
+use crate::routes::{self, RelatedObjectFetch};
 
 /// What every request handler shares.
 pub struct AppState {
     pub config: Config,
     pub log: EventLog,
     pub metrics: Metrics,
+    /// Where a durable thin event's related object is handed for fetching (SPEC §11); `None`
+    /// when no `STRIPE_API_KEY` is configured, and the thin event is then only logged.
+    pub related_objects: Option<Arc<dyn RelatedObjectFetch>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +77,7 @@ impl Application {
             config,
             log,
             metrics: Metrics::default(),
+            related_objects: None,
         });
         let app_state = state.clone();
         let server = HttpServer::new(move || {

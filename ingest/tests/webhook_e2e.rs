@@ -59,6 +59,10 @@ async fn valid_event_is_acknowledged_and_lands_byte_for_byte_with_key_and_header
         Some(header.as_str())
     );
     assert_eq!(header_value(record, "stripe-account"), None);
+    assert_eq!(
+        header_value(record, "stripe-source").as_deref(),
+        Some("webhook")
+    );
     let created: i64 = header_value(record, "stripe-created")
         .unwrap()
         .parse()
@@ -282,6 +286,82 @@ async fn verified_non_envelope_is_refused_and_lands_in_the_dlq_only_with_its_rea
     assert_eq!(
         header_value(&events[0], "stripe-event-id").as_deref(),
         Some("evt_sentinel")
+    );
+}
+
+#[tokio::test]
+async fn signed_thin_event_is_acknowledged_and_lands_with_its_type_and_never_in_the_dlq() {
+    // Arrange: a thin event of a connected account, as an event destination sends it.
+    let ingest = Ingest::start(&[]);
+    let client = reqwest::Client::new();
+    let body = json!({
+        "id": "evt_test_65RM8sQb",
+        "object": "v2.core.event",
+        "type": "v1.billing.meter.error_report_triggered",
+        "livemode": false,
+        "created": "2026-03-01T10:20:30.456+01:00",
+        "context": "acct_1Thin",
+        "related_object": {
+            "id": "mtr_test_61RM8sQb",
+            "type": "billing.meter",
+            "url": "/v1/billing/meters/mtr_test_61RM8sQb"
+        },
+        "reason": {"type": "request", "request": {"id": "req_1", "idempotency_key": "k_1"}}
+    })
+    .to_string();
+
+    // Act
+    let response = post_signed(&client, &ingest, &body).await;
+
+    // Assert: 200, and the exact bytes in the log with the thin type and unix-second created.
+    assert_eq!(response.status(), 200);
+    let answer: Value = response.json().await.unwrap();
+    assert_eq!(answer, json!({"received": true, "id": "evt_test_65RM8sQb"}));
+    let records = read_records(&ingest.events_topic, 1, WAIT);
+    assert_eq!(records.len(), 1);
+    let record = &records[0];
+    assert_eq!(payload_str(record), body);
+    assert_eq!(
+        key_str(record).as_deref(),
+        Some("acct_1Thin/evt_test_65RM8sQb")
+    );
+    assert_eq!(
+        header_value(record, "stripe-event-type").as_deref(),
+        Some("v1.billing.meter.error_report_triggered")
+    );
+    // 2026-03-01T09:20:30Z
+    assert_eq!(
+        header_value(record, "stripe-created").as_deref(),
+        Some("1772356830")
+    );
+    assert_eq!(
+        header_value(record, "stripe-account").as_deref(),
+        Some("acct_1Thin")
+    );
+    assert_eq!(
+        header_value(record, "stripe-source").as_deref(),
+        Some("webhook")
+    );
+    assert_eq!(header_value(record, "stripe-api-version"), None);
+    assert!(header_value(record, "stripe-signature").is_some());
+    // The DLQ has one partition and ingest answers only after a dead letter is durable, so
+    // if the thin event had gone there it would come before this later sentinel.
+    let sentinel = r#"{"id":"evt_sentinel","type":"invoice.paid","created":1}"#;
+    assert_eq!(post_signed(&client, &ingest, sentinel).await.status(), 400);
+    let dead = read_records(&ingest.dlq_topic, 1, WAIT);
+    assert_eq!(dead.len(), 1);
+    assert_eq!(payload_str(&dead[0]), sentinel);
+    let metrics = client
+        .get(ingest.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("ingest_requests_total{outcome=\"ok\"} 1"),
+        "{metrics}"
     );
 }
 

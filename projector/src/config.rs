@@ -41,6 +41,12 @@ pub struct Config {
     pub events_partitions: i32,
     /// `ENTITLEMENTS_PARTITIONS`: partitions of the change topic when the projector creates it.
     pub entitlements_partitions: i32,
+    /// `DEDUPE_WINDOW_SECS`: how long an applied event id is kept for dedupe, seconds (default
+    /// three days, Stripe's retry horizon). Older ids are pruned; an event re-delivered after
+    /// that is re-applied as a no-op by the rank guard.
+    pub dedupe_window: Duration,
+    /// `DEDUPE_PRUNE_INTERVAL_SECS`: how often the pruning runs, seconds.
+    pub dedupe_prune_interval: Duration,
 }
 
 pub const DEFAULT_DATABASE_URL: &str = "postgres://stripe:stripe@127.0.0.1:5432/stripe_pipeline";
@@ -119,6 +125,22 @@ impl Config {
         if entitlements_partitions < 1 {
             return Err(err("ENTITLEMENTS_PARTITIONS", "must be at least 1"));
         }
+        let dedupe_window_secs: u64 =
+            num(get("DEDUPE_WINDOW_SECS"), "DEDUPE_WINDOW_SECS", 3 * 86_400)?;
+        if dedupe_window_secs == 0 {
+            return Err(err("DEDUPE_WINDOW_SECS", "must be at least 1"));
+        }
+        let prune_interval_secs: u64 = num(
+            get("DEDUPE_PRUNE_INTERVAL_SECS"),
+            "DEDUPE_PRUNE_INTERVAL_SECS",
+            600,
+        )?;
+        if !(1..=86_400).contains(&prune_interval_secs) {
+            return Err(err(
+                "DEDUPE_PRUNE_INTERVAL_SECS",
+                "must be between 1 and 86400",
+            ));
+        }
         Ok(Config {
             kafka_brokers: get("KAFKA_BROKERS").unwrap_or_else(|| "127.0.0.1:9092".into()),
             database_url: SecretString::from(database_url),
@@ -142,6 +164,8 @@ impl Config {
             batch_linger: Duration::from_millis(linger_ms),
             events_partitions,
             entitlements_partitions,
+            dedupe_window: Duration::from_secs(dedupe_window_secs),
+            dedupe_prune_interval: Duration::from_secs(prune_interval_secs),
         })
     }
 }
@@ -176,6 +200,7 @@ mod tests {
         assert_eq!(c.entitlements_topic, "entitlements.changes");
         assert_eq!(c.dlq_topic, "stripe.events.dlq");
         assert!(c.api_token.is_some());
+        assert_eq!(c.dedupe_window, Duration::from_secs(259_200));
     }
 
     #[test]
@@ -203,6 +228,9 @@ mod tests {
             ("STRIPE_EVENTS_PARTITIONS", "0"),
             ("ENTITLEMENTS_TOPIC", "a b"),
             ("API_TOKEN", "short"),
+            ("DEDUPE_WINDOW_SECS", "0"),
+            ("DEDUPE_WINDOW_SECS", "3d"),
+            ("DEDUPE_PRUNE_INTERVAL_SECS", "0"),
         ] {
             assert_eq!(
                 config(&[TOKEN, (var, value)]).unwrap_err().var,

@@ -17,15 +17,10 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::isolation::apply_isolating;
 use crate::metrics::Metrics;
 use crate::projection::EntitlementPolicy;
-use crate::store::{apply_batch, BatchContext, BatchMode, BatchOutcome, InputRecord};
-
-/// Retries of a failing batch back off up to this.
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
-/// A partition whose stored offset is ahead of the log after this many seeks is taken to start
-/// later (records deleted by an operator); the gap is logged and accepted.
-const MAX_GAP_SEEKS: u32 = 3;
+use crate::store::{BatchContext, BatchMode, BatchOutcome, InputRecord};
 
 /// The consumer of the raw log, whose context seeks every assigned partition to the offset
 /// Postgres holds for it.
@@ -186,6 +181,29 @@ pub struct ConsumeLoop {
     pub metrics: Arc<Metrics>,
 }
 
+/// What to do when a partition's stored next offset is below the first record consumed from
+/// it (the records in between were not seen).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GapAction {
+    /// Every missing offset is below the partition's low watermark: retention removed those
+    /// records, no read can return them, so the consumer goes on from the first record.
+    Accept,
+    /// Some missing record is still in the log (a rebalance or a seek skipped it): read again
+    /// from this offset. Never skipped, however often it happens.
+    SeekTo(i64),
+}
+
+/// Decides a gap on a partition: `stored_next` from Postgres, `first_consumed` the first
+/// record this batch holds, `low_watermark` the partition's first offset the log still holds.
+pub fn on_gap(stored_next: i64, first_consumed: i64, low_watermark: i64) -> GapAction {
+    if first_consumed <= low_watermark {
+        GapAction::Accept
+    } else {
+        // Below the low watermark nothing can be read; seeking there would only be reset.
+        GapAction::SeekTo(stored_next.max(low_watermark))
+    }
+}
+
 impl ConsumeLoop {
     /// Runs until `shutdown` turns true; a batch in flight is finished first.
     pub async fn run(
@@ -193,8 +211,6 @@ impl ConsumeLoop {
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), rdkafka::error::KafkaError> {
         self.consumer.subscribe(&[&self.config.events_topic])?;
-        let mut gap_seeks: HashMap<(i32, i64), u32> = HashMap::new();
-        let mut accept_gaps: HashSet<i32> = HashSet::new();
         let mut policy = LivePolicy::new(&self.config);
         tracing::info!(topic = %self.config.events_topic, group = %self.config.group_id, "consuming");
         loop {
@@ -205,40 +221,39 @@ impl ConsumeLoop {
                 continue;
             }
             policy.refresh();
-            let outcome = match self
-                .apply_with_retry(&records, &accept_gaps, &policy.policy, &mut shutdown)
+            let started = Instant::now();
+            let Some(mut outcome) = self
+                .apply(&records, &HashSet::new(), &policy.policy, &mut shutdown)
                 .await
-            {
-                Some(outcome) => outcome,
-                None => break,
+            else {
+                break;
             };
-            accept_gaps.clear();
-            for (partition, next) in &outcome.gaps {
-                let seeks = gap_seeks.entry((*partition, *next)).or_default();
-                *seeks += 1;
-                if *seeks > MAX_GAP_SEEKS {
-                    tracing::error!(
-                        partition,
-                        next_offset = next,
-                        "the log starts after the stored offset; accepting the gap"
-                    );
-                    accept_gaps.insert(*partition);
-                    continue;
-                }
-                tracing::warn!(
-                    partition,
-                    next_offset = next,
-                    "records ahead of the stored offset; seeking back"
-                );
-                if let Err(e) = self.consumer.seek(
-                    &self.config.events_topic,
-                    *partition,
-                    Offset::Offset(*next),
-                    Duration::from_secs(5),
-                ) {
-                    tracing::warn!(partition, error = %e, "seek failed; the records will be re-checked");
-                }
+            let gaps = std::mem::take(&mut outcome.gaps);
+            let accepted = self.handle_gaps(&records, &gaps).await;
+            if !accepted.is_empty() {
+                // The records of an accepted gap's partition were not applied above: apply them
+                // now, before anything later of that partition is read.
+                let again: Vec<InputRecord> = records
+                    .iter()
+                    .filter(|r| accepted.contains(&r.partition))
+                    .cloned()
+                    .collect();
+                let Some(rest) = self
+                    .apply(&again, &accepted, &policy.policy, &mut shutdown)
+                    .await
+                else {
+                    break;
+                };
+                outcome.absorb(rest);
             }
+            self.metrics
+                .batch_latency
+                .observe(started.elapsed().as_secs_f64());
+            tracing::debug!(
+                records = records.len(),
+                changes = outcome.changes,
+                "batch applied"
+            );
             self.consumer.context().remember(&outcome.next_offsets);
             self.record(&outcome);
             self.commit_to_kafka(&outcome);
@@ -277,9 +292,7 @@ impl ConsumeLoop {
         Some(records)
     }
 
-    /// Applies the batch, retrying transient failures (Postgres down, serialisation) with capped
-    /// backoff: a batch is never skipped. `None` when shutdown arrives while retrying.
-    async fn apply_with_retry(
+    async fn apply(
         &self,
         records: &[InputRecord],
         accept_gaps: &HashSet<i32>,
@@ -294,39 +307,74 @@ impl ConsumeLoop {
             mode: BatchMode::Live,
             accept_gaps,
         };
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let started = Instant::now();
-            let span = tracing::info_span!(
-                "batch",
-                records = records.len(),
-                first_partition = records[0].partition,
-                first_offset = records[0].offset
-            );
-            let result = {
-                let _entered = span.enter();
-                apply_batch(&self.pool, &ctx, records).await
+        apply_isolating(&self.pool, &ctx, records, &self.metrics, shutdown).await
+    }
+
+    /// Seeks back where records were skipped, and returns the partitions whose gap lies wholly
+    /// below the log's start (to be accepted).
+    async fn handle_gaps(&self, records: &[InputRecord], gaps: &[(i32, i64)]) -> HashSet<i32> {
+        let mut accepted = HashSet::new();
+        for &(partition, stored_next) in gaps {
+            let Some(first_consumed) = records
+                .iter()
+                .find(|r| r.partition == partition)
+                .map(|r| r.offset)
+            else {
+                continue;
             };
-            match result {
-                Ok(outcome) => {
-                    self.metrics
-                        .batch_latency
-                        .observe(started.elapsed().as_secs_f64());
-                    tracing::debug!(
-                        records = records.len(),
-                        changes = outcome.changes,
-                        "batch applied"
+            let action = match self.low_watermark(partition).await {
+                Some(low) => on_gap(stored_next, first_consumed, low),
+                // Unknown start: never assume the records are gone.
+                None => GapAction::SeekTo(stored_next),
+            };
+            match action {
+                GapAction::Accept => {
+                    tracing::warn!(
+                        partition,
+                        stored_next_offset = stored_next,
+                        first_offset = first_consumed,
+                        missing = first_consumed - stored_next,
+                        "records below the log's start were removed by retention; going on from its start"
                     );
-                    return Some(outcome);
+                    self.metrics.offset_gaps.add(&partition.to_string(), 1);
+                    accepted.insert(partition);
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, retry_in_ms = backoff.as_millis() as u64, "batch failed; retrying");
-                    tokio::select! {
-                        _ = shutdown.changed() => return None,
-                        _ = tokio::time::sleep(backoff) => {}
+                GapAction::SeekTo(offset) => {
+                    tracing::warn!(
+                        partition,
+                        stored_next_offset = stored_next,
+                        first_offset = first_consumed,
+                        seek_to = offset,
+                        "records ahead of the stored offset; seeking back"
+                    );
+                    if let Err(e) = self.consumer.seek(
+                        &self.config.events_topic,
+                        partition,
+                        Offset::Offset(offset),
+                        Duration::from_secs(5),
+                    ) {
+                        tracing::warn!(partition, error = %e, "seek failed; the records will be re-checked");
                     }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
+            }
+        }
+        accepted
+    }
+
+    /// The first offset the log still holds for `partition`; `None` if the broker does not say.
+    async fn low_watermark(&self, partition: i32) -> Option<i64> {
+        let consumer = self.consumer.clone();
+        let topic = self.config.events_topic.clone();
+        let watermarks = tokio::task::spawn_blocking(move || {
+            consumer.fetch_watermarks(&topic, partition, Duration::from_secs(5))
+        })
+        .await
+        .ok()?;
+        match watermarks {
+            Ok((low, _high)) => Some(low),
+            Err(e) => {
+                tracing::warn!(partition, error = %e, "cannot read the partition's low watermark");
+                None
             }
         }
     }
@@ -337,6 +385,9 @@ impl ConsumeLoop {
         }
         for (event_type, n) in &outcome.ignored {
             self.metrics.ignored.add(event_type, *n);
+        }
+        for (event_type, n) in &outcome.thin {
+            self.metrics.thin_events.add(event_type, *n);
         }
         if outcome.duplicates > 0 {
             self.metrics.duplicates.add("event_id", outcome.duplicates);
@@ -430,5 +481,30 @@ pub async fn watch_lag(
         .await
         .unwrap_or_default();
         *metrics.lag.lock().unwrap_or_else(|e| e.into_inner()) = lag;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gap_wholly_below_the_low_watermark_is_accepted() {
+        // Stored 10; retention removed 0..40; the first record read is the log's first.
+        assert_eq!(on_gap(10, 40, 40), GapAction::Accept);
+        // Retention moved on further while we read.
+        assert_eq!(on_gap(10, 40, 55), GapAction::Accept);
+    }
+
+    #[test]
+    fn a_gap_over_records_the_log_still_holds_is_never_accepted() {
+        // Nothing was removed: 10..40 are there, read them.
+        assert_eq!(on_gap(10, 40, 0), GapAction::SeekTo(10));
+        // Retention removed 0..20, but 20..40 are there: from the log's start, not 10.
+        assert_eq!(on_gap(10, 40, 20), GapAction::SeekTo(20));
+        // However often it happens: the decision depends on the log alone.
+        for _ in 0..10 {
+            assert_eq!(on_gap(10, 11, 10), GapAction::SeekTo(10));
+        }
     }
 }

@@ -15,6 +15,7 @@ use crate::projection::{
     compute, project, CustomerState, EntitlementPolicy, EntitlementView, ProjectedEvent,
 };
 use crate::store::same_entitlements;
+use crate::store::text::storable_json;
 
 /// One change of the customer's entitlement object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -153,7 +154,9 @@ pub fn read_customer_events(
         let Some(payload) = message.payload() else {
             continue;
         };
-        if let Ok(envelope) = EventEnvelope::parse(payload) {
+        // As the live projector does, so that a record it projects is in the timeline too.
+        let payload = storable_json(payload);
+        if let Ok(envelope) = EventEnvelope::parse(&payload) {
             if let Ok(event) = project(&envelope) {
                 events.push(event);
             }
@@ -162,57 +165,13 @@ pub fn read_customer_events(
     Ok(events)
 }
 
-/// Parses `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)` into unix seconds.
-pub fn parse_rfc3339(text: &str) -> Option<i64> {
-    let b = text.as_bytes();
-    if b.len() < 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || !(b[10] == b'T' || b[10] == b't' || b[10] == b' ')
-        || b[13] != b':'
-        || b[16] != b':'
-    {
-        return None;
-    }
-    let num = |range: std::ops::Range<usize>| text.get(range)?.parse::<i64>().ok();
-    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&month)
-        || !(1..=31).contains(&day)
-        || hour > 23
-        || minute > 59
-        || second > 60
-    {
-        return None;
-    }
-    let mut rest = &text[19..];
-    if let Some(frac) = rest.strip_prefix('.') {
-        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return None;
-        }
-        rest = &frac[digits..];
-    }
-    let offset = match rest {
-        "Z" | "z" => 0,
-        _ if rest.len() == 6
-            && (rest.starts_with('+') || rest.starts_with('-'))
-            && &rest[3..4] == ":" =>
-        {
-            let sign = if rest.starts_with('-') { -1 } else { 1 };
-            sign * (rest[1..3].parse::<i64>().ok()? * 3600 + rest[4..6].parse::<i64>().ok()? * 60)
-        }
-        _ => return None,
-    };
-    // Howard Hinnant's days-from-civil.
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days * 86_400 + hour * 3600 + minute * 60 + second - offset)
+/// Parses an RFC 3339 instant (`2026-01-04T00:00:00Z`, `…T01:00:00.5+01:00`) into unix seconds,
+/// rejecting what is not one (`2026-02-31`, a date without a time, anything non-ASCII) with
+/// a message for the command line. The `value_parser` of `projector history --at`.
+pub fn parse_instant(text: &str) -> Result<i64, String> {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map(|instant| instant.unix_timestamp())
+        .map_err(|e| format!("expected an RFC 3339 instant such as 2026-01-04T00:00:00Z ({e})"))
 }
 
 #[cfg(test)]
@@ -318,23 +277,52 @@ mod tests {
 
     #[test]
     fn parses_rfc3339_instants() {
-        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(parse_rfc3339("2026-01-04T00:00:00Z"), Some(1_767_484_800));
+        assert_eq!(parse_instant("1970-01-01T00:00:00Z"), Ok(0));
+        assert_eq!(parse_instant("2026-01-04T00:00:00Z"), Ok(1_767_484_800));
         assert_eq!(
-            parse_rfc3339("2026-01-04T01:00:00+01:00"),
-            Some(1_767_484_800)
+            parse_instant("2026-01-04T01:00:00+01:00"),
+            Ok(1_767_484_800)
         );
         assert_eq!(
-            parse_rfc3339("2026-01-03T23:00:00.5-01:00"),
-            Some(1_767_484_800)
+            parse_instant("2026-01-03T23:00:00.5-01:00"),
+            Ok(1_767_484_800)
         );
+        assert_eq!(parse_instant("2024-02-29T00:00:00Z"), Ok(1_709_164_800));
+    }
+
+    #[test]
+    fn refuses_what_is_not_an_instant_without_panicking() {
         for bad in [
             "2026-01-04",
             "2026-13-01T00:00:00Z",
+            "2026-02-31T00:00:00Z",
+            "2025-02-29T00:00:00Z",
             "2026-01-04T00:00:00",
+            "2026-01-04T24:00:00Z",
             "yesterday",
+            "",
+            "2026-01-0\u{e9}T00:00:00Z",
+            "\u{e9}\u{e9}\u{e9}\u{e9}-01-04T00:00:00Z",
+            "2026-01-04T00:00:00\u{2212}01:00",
+            "２０２６-01-04T00:00:00Z",
         ] {
-            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+            let error = parse_instant(bad).expect_err(bad);
+            assert!(
+                error.starts_with("expected an RFC 3339 instant"),
+                "{bad}: {error}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics_on_any_text(text in "\\PC{0,40}") {
+            let _ = parse_instant(&text);
+        }
+
+        #[test]
+        fn formats_and_parses_back_every_second(unix in -62_135_596_800i64..=253_402_300_799) {
+            proptest::prop_assert_eq!(parse_instant(&rfc3339(unix)), Ok(unix));
         }
     }
 }

@@ -33,9 +33,10 @@ enum Command {
         /// The Connect account, for a connected account's customer.
         #[arg(long)]
         account: Option<String>,
-        /// Print the entitlement object as of this instant (RFC 3339) instead of the timeline.
-        #[arg(long)]
-        at: Option<String>,
+        /// Print the entitlement object as of this instant (RFC 3339, e.g.
+        /// 2026-01-04T00:00:00Z) instead of the timeline.
+        #[arg(long, value_parser = projector::history::parse_instant)]
+        at: Option<i64>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -135,13 +136,7 @@ async fn run(command: Command, config: Config) -> Result<ExitCode, String> {
             at,
             json,
         } => {
-            let until = match at.as_deref() {
-                None => None,
-                Some(text) => Some(
-                    projector::history::parse_rfc3339(text)
-                        .ok_or_else(|| format!("--at: `{text}` is not an RFC 3339 instant"))?,
-                ),
-            };
+            let until = at;
             let events =
                 projector::history::read_customer_events(&config, account.as_deref(), &customer)?;
             let (timeline, view) = projector::history::replay(
@@ -155,7 +150,7 @@ async fn run(command: Command, config: Config) -> Result<ExitCode, String> {
                 let Some(view) = view else {
                     return Err(format!(
                         "no events of {customer} at or before {}",
-                        at.unwrap_or_default()
+                        projector::projection::entitlements::rfc3339(until.unwrap_or_default())
                     ));
                 };
                 println!(

@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use sqlx::{PgPool, Row};
+use sqlx::PgPool;
 
 use crate::config::Config;
 use crate::store::{apply_batch, BatchContext, BatchMode, InputRecord};
@@ -15,13 +15,26 @@ pub struct RedriveReport {
     pub still_failing: Vec<i64>,
 }
 
+/// A pending dead letter, as stored.
+#[derive(sqlx::FromRow)]
+struct PendingDeadLetter {
+    id: i64,
+    partition: i32,
+    offset: i64,
+    payload: Vec<u8>,
+}
+
 /// Re-applies the pending dead letters with `ids` (all pending ones when empty).
+///
+/// One batch, applied like a live one: it waits while a rebuild swaps (the shared rebuild
+/// lock) and takes each customer's lock before reading their state, so a redrive racing the
+/// live projector on the same customers commits wholly before or after each live batch.
 pub async fn redrive(
     pool: &PgPool,
     config: &Config,
     ids: &[i64],
 ) -> Result<RedriveReport, sqlx::Error> {
-    let rows = sqlx::query(
+    let pending: Vec<PendingDeadLetter> = sqlx::query_as(
         "SELECT id, partition, \"offset\", payload FROM dead_letters
          WHERE redriven_at IS NULL AND topic = $1 AND (cardinality($2::int8[]) = 0 OR id = ANY($2))
          ORDER BY partition, \"offset\"",
@@ -31,19 +44,17 @@ pub async fn redrive(
     .fetch_all(pool)
     .await?;
     let mut report = RedriveReport::default();
-    if rows.is_empty() {
+    if pending.is_empty() {
         return Ok(report);
     }
-    let mut records = Vec::with_capacity(rows.len());
-    let mut dead_ids = Vec::with_capacity(rows.len());
-    for row in rows {
-        dead_ids.push(row.try_get::<i64, _>("id")?);
-        records.push(InputRecord {
-            partition: row.try_get("partition")?,
-            offset: row.try_get("offset")?,
-            payload: Some(row.try_get("payload")?),
-        });
-    }
+    let records: Vec<InputRecord> = pending
+        .iter()
+        .map(|dead| InputRecord {
+            partition: dead.partition,
+            offset: dead.offset,
+            payload: Some(dead.payload.clone()),
+        })
+        .collect();
     let no_gaps = HashSet::new();
     let ctx = BatchContext {
         events_topic: &config.events_topic,
@@ -55,11 +66,11 @@ pub async fn redrive(
     };
     let outcome = apply_batch(pool, &ctx, &records).await?;
     let failing: HashSet<(i32, i64)> = outcome.dead_positions.into_iter().collect();
-    for (id, record) in dead_ids.into_iter().zip(&records) {
-        if failing.contains(&(record.partition, record.offset)) {
-            report.still_failing.push(id);
+    for dead in &pending {
+        if failing.contains(&(dead.partition, dead.offset)) {
+            report.still_failing.push(dead.id);
         } else {
-            report.applied.push(id);
+            report.applied.push(dead.id);
         }
     }
     sqlx::query("UPDATE dead_letters SET redriven_at = now() WHERE id = ANY($1)")

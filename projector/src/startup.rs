@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::consumer::{create_consumer, watch_lag, ConsumeLoop, LogConsumer};
 use crate::metrics::Metrics;
 use crate::outbox::Relay;
+use crate::pruning::prune_periodically;
 use crate::store;
 
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +139,12 @@ impl Application {
             metrics: self.metrics.clone(),
         };
         let relay_task = tokio::spawn(relay.run(shutdown.clone()));
+        let prune_task = tokio::spawn(prune_periodically(
+            self.pool.clone(),
+            self.config.dedupe_window,
+            self.config.dedupe_prune_interval,
+            shutdown.clone(),
+        ));
         let lag_task = tokio::spawn(watch_lag(
             self.config.clone(),
             self.pool.clone(),
@@ -154,6 +161,7 @@ impl Application {
         }
         let _ = relay_task.await;
         let _ = lag_task.await;
+        let _ = prune_task.await;
         tracing::info!("projector stopped");
         served
     }

@@ -1,7 +1,7 @@
 //! Poison events through both real binaries: what the projector cannot use goes to the
 //! `dead_letters` table and the DLQ topic with its exact bytes while the partition keeps
-//! flowing; `projector redrive` re-applies dead letters; unknown types are ignored, not
-//! dead-lettered.
+//! flowing; `projector redrive` re-applies dead letters; unknown types and thin events are
+//! counted and ignored, not dead-lettered.
 
 mod common;
 
@@ -403,4 +403,62 @@ async fn unknown_event_type_is_counted_and_ignored_not_dead_lettered() {
     let (status, body) = pipeline.get("/v1/customers/cus_pi/entitlements").await;
     assert_eq!(status, 404, "an ignored event projects nothing: {body}");
     assert!(pipeline.changes().is_empty());
+}
+
+#[tokio::test]
+async fn thin_event_is_counted_not_dead_lettered_and_its_partition_flows_on() {
+    // Arrange: a thin event about a customer (so keyed, and partitioned, by that customer),
+    // then a backfill snapshot and an older webhook of the same customer behind it.
+    let mut pipeline = Pipeline::start(Options::default()).await;
+    let thin = json!({
+        "id": "evt_test_thin_1",
+        "object": "v2.core.event",
+        "type": "v1.customer.updated",
+        "livemode": false,
+        "created": "2026-01-01T01:00:00.250+01:00",
+        "related_object": {"id": "cus_thin", "type": "customer", "url": "/v1/customers/cus_thin"}
+    })
+    .to_string();
+    let active = subscription("sub_thin", "cus_thin", "active", &[PRO], T0 + MONTH, true);
+    let canceled = with(active.clone(), "status", json!("canceled"));
+    let backfilled = Event::new(
+        "evt_bf_thin_sub",
+        "customer.subscription.backfilled",
+        T0 + 60,
+        active,
+    );
+    // Created the second before the fetch: the backfilled snapshot already reflects it.
+    let older_webhook = Event::new(
+        "evt_thin_sub_updated",
+        "customer.subscription.updated",
+        T0 + 59,
+        canceled,
+    );
+
+    // Act
+    pipeline.send(&thin).await;
+    pipeline.send(&backfilled.body()).await;
+    pipeline.send(&older_webhook.body()).await;
+    pipeline.settle().await;
+
+    // Assert: counted as a thin event, nothing dead-lettered, and the records behind it applied.
+    assert_eq!(
+        metric_total(
+            &pipeline,
+            "projector_thin_events_total{type=\"v1.customer.updated\"}"
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        metric_total(&pipeline, "projector_dead_letters_total").await,
+        0.0
+    );
+    assert!(dead_letters(&pipeline).await.is_empty());
+    assert!(read_topic_to_end(&pipeline.dlq_topic).is_empty());
+    let view = pipeline.entitlements("cus_thin", None).await;
+    assert_eq!(view["features"], json!(["api", "pro"]), "{view}");
+    assert_eq!(view["subscriptions"][0]["status"], "active", "{view}");
+    let offsets = stored_offsets(&pipeline).await;
+    assert_eq!(offsets.iter().map(|(_, next)| next).sum::<i64>(), 3);
 }

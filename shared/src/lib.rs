@@ -9,4 +9,6 @@ pub mod kafka;
 pub mod metrics;
 pub mod telemetry;
 
-pub use envelope::{EnvelopeError, EventEnvelope};
+pub use envelope::{
+    EnvelopeError, EventBody, EventEnvelope, EventSource, RelatedObject, ThinEvent,
+};

@@ -3,12 +3,33 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use actix_web::http::header::CONTENT_LENGTH;
 use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
-use shared::EventEnvelope;
+use shared::{EventEnvelope, RelatedObject};
 
 use crate::append::Receipt;
 use crate::error::IngestError;
 use crate::signature;
 use crate::startup::AppState;
+
+/// What ingest does with a thin event once it is durable in the log: fetch its related object
+/// and append it as a `backfill` snapshot (SPEC §11). Plugged into [`AppState`] when a
+/// `STRIPE_API_KEY` is configured.
+pub trait RelatedObjectFetch: Send + Sync {
+    /// Takes the fetch over. It runs on the request path, after the append and before the
+    /// answer, so it must only hand the request to bounded background work and return.
+    fn enqueue(&self, request: RelatedObjectRequest);
+}
+
+/// A thin event's related object to fetch, with what the snapshot record needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelatedObjectRequest {
+    /// The thin event that named the object, for logs.
+    pub event_id: String,
+    pub event_type: String,
+    /// The thin event's `context`: the `Stripe-Account` to fetch as.
+    pub account: Option<String>,
+    pub livemode: bool,
+    pub related_object: RelatedObject<'static>,
+}
 
 /// `POST /webhooks/stripe`: verify, then append the exact bytes, then answer.
 #[tracing::instrument(name = "webhook", skip_all, fields(event_id = tracing::field::Empty, outcome = tracing::field::Empty))]
@@ -90,7 +111,35 @@ async fn handle(
         .append_event(&event, &body, &receipt, &state.metrics)
         .await
         .map_err(IngestError::Unavailable)?;
+    if event.thin().is_some() {
+        follow_thin_event(&event, state);
+    }
     Ok(HttpResponse::Ok().json(serde_json::json!({"received": true, "id": event.id})))
+}
+
+/// A thin event is durable in the log; its related object, if any, goes to the fetch.
+fn follow_thin_event(event: &EventEnvelope<'_>, state: &AppState) {
+    let Some(related) = event.related_object() else {
+        tracing::info!(
+            event_type = event.event_type,
+            "thin event without a related object appended"
+        );
+        return;
+    };
+    match &state.related_objects {
+        None => tracing::info!(
+            event_type = event.event_type,
+            related_object = %related.id,
+            "thin event appended; its related object is not fetched (no STRIPE_API_KEY)"
+        ),
+        Some(fetch) => fetch.enqueue(RelatedObjectRequest {
+            event_id: event.id.to_owned(),
+            event_type: event.event_type.to_owned(),
+            account: event.account.map(str::to_owned),
+            livemode: event.livemode,
+            related_object: related.clone().into_owned(),
+        }),
+    }
 }
 
 /// Reads the body, stopping as soon as it exceeds `limit` (chunked bodies have no length).

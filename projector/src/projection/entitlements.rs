@@ -91,11 +91,17 @@ pub fn compute(state: &CustomerState, policy: &EntitlementPolicy) -> Entitlement
         }
     }
 
+    // The latest session by its own creation time; the rank only breaks ties, since a
+    // backfill gives every session it fetches the same second.
     let client_reference_id = state
         .checkout_sessions
         .values()
-        .filter_map(|(rank, s)| s.client_reference_id.as_ref().map(|id| (rank, id)))
-        .max_by(|a, b| a.0.cmp(b.0))
+        .filter_map(|(rank, s)| {
+            s.client_reference_id
+                .as_ref()
+                .map(|id| ((s.created, rank), id))
+        })
+        .max_by(|a, b| a.0.cmp(&b.0))
         .map(|(_, id)| id.clone());
 
     EntitlementView {
@@ -178,36 +184,21 @@ fn serialize_rfc3339<S: Serializer>(unix: &i64, serializer: S) -> Result<S::Ok, 
     serializer.serialize_str(&rfc3339(*unix))
 }
 
-/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ`, with Howard Hinnant's days-to-civil algorithm
-/// (exact for the proleptic Gregorian calendar) rather than a date-time dependency.
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ`.
 pub fn rfc3339(unix: i64) -> String {
-    // Clamped to years 0001..=9999: RFC 3339 has four-digit years, and the clamp keeps the
-    // arithmetic below far from overflow whatever `created` a payload claimed.
+    // Clamped to years 0001..=9999: RFC 3339 has four-digit years, whatever `created` a
+    // payload claimed.
     const MIN: i64 = -62_135_596_800; // 0001-01-01T00:00:00Z
     const MAX: i64 = 253_402_300_799; // 9999-12-31T23:59:59Z
-    let unix = unix.clamp(MIN, MAX);
-    let days = unix.div_euclid(86_400);
-    let seconds = unix.rem_euclid(86_400);
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        seconds / 3_600,
-        seconds / 60 % 60,
-        seconds % 60
-    )
+    time::OffsetDateTime::from_unix_timestamp(unix.clamp(MIN, MAX))
+        .ok()
+        .and_then(|instant| {
+            instant
+                .format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        // Unreachable within the clamp; an empty string rather than a panic in a serializer.
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -14,6 +14,8 @@ pub mod snapshot;
 pub mod state;
 
 #[cfg(test)]
+mod backfill;
+#[cfg(test)]
 mod properties;
 #[cfg(test)]
 pub(crate) mod testing;
@@ -44,8 +46,11 @@ pub struct ProjectedEvent {
     /// The customer the event concerns, when it names one.
     pub customer: Option<String>,
     pub rank: Rank,
-    /// `None` for event types the projection ignores (kept in the log, counted by the caller).
+    /// `None` for event types the projection ignores and for thin events (kept in the log,
+    /// counted by the caller).
     pub snapshot: Option<Snapshot>,
+    /// A thin event (`v2.core.event`): a reference to an object, never a snapshot of it.
+    pub thin: bool,
 }
 
 /// Why an event of a handled type cannot be projected. It would fail the same way on every
@@ -61,22 +66,23 @@ pub fn is_handled(event_type: &str) -> bool {
     ObjectKind::for_event_type(event_type).is_some()
 }
 
-/// Projects one event: parses its snapshot (for handled types) and ranks it.
+/// Projects one event: parses its snapshot (for handled types) and ranks it. A thin event has
+/// no snapshot to parse, whatever its type: it is kept in the log and counted, and ingest
+/// appends its related object as a separate backfill snapshot.
 pub fn project(envelope: &EventEnvelope<'_>) -> Result<ProjectedEvent, ProjectionError> {
-    let snapshot = match ObjectKind::for_event_type(envelope.event_type) {
-        None => None,
-        Some(kind) => Some(
-            Snapshot::parse(
-                kind,
-                envelope.event_type,
-                envelope.object,
-                envelope.livemode,
-            )
-            .map_err(|reason| ProjectionError::Shape {
-                event_type: envelope.event_type.to_owned(),
-                reason,
-            })?,
+    let snapshot = match (
+        ObjectKind::for_event_type(envelope.event_type),
+        envelope.object(),
+    ) {
+        (Some(kind), Some(object)) => Some(
+            Snapshot::parse(kind, envelope.event_type, object, envelope.livemode).map_err(
+                |reason| ProjectionError::Shape {
+                    event_type: envelope.event_type.to_owned(),
+                    reason,
+                },
+            )?,
         ),
+        _ => None,
     };
     // The snapshot's reading is authoritative where there is one: it accepts escaped and
     // expanded forms that the envelope's borrowed routing fields give up on.
@@ -99,6 +105,7 @@ pub fn project(envelope: &EventEnvelope<'_>) -> Result<ProjectedEvent, Projectio
             status_rank,
             envelope.id,
         ),
+        thin: envelope.thin().is_some(),
         snapshot,
     })
 }

@@ -1,13 +1,15 @@
 //! Order-insensitivity, checked as a property: Stripe-like event histories applied in order and
 //! in any arrival order with redeliveries end in the same state, whose every object holds the
-//! snapshot of its max-rank event (SPEC §6).
+//! snapshot of its max-rank event (SPEC §6). Backfills mixed into such histories (SPEC §11)
+//! keep that, and end in the state of the webhooks alone.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 use serde_json::json;
+use shared::envelope::backfilled_event_type;
 
-use super::entitlements::compute;
+use super::entitlements::{compute, EntitlementView};
 use super::policy::EntitlementPolicy;
 use super::rank::Rank;
 use super::snapshot::Snapshot;
@@ -154,6 +156,12 @@ fn render(step: &Step, first: bool) -> testing::Event {
             let paid = if step.flag { "paid" } else { "unpaid" };
             let mut object =
                 testing::checkout_session(&format!("cs_{}", step.object), "payment", paid);
+            // A session's own creation time is fixed for the object, whatever its events.
+            set(
+                &mut object,
+                "/created",
+                json!(T0 - 600 + step.object as i64),
+            );
             set(&mut object, "/status", json!(status));
             set(&mut object, "/metadata/price", json!("price_lifetime"));
             set(
@@ -196,16 +204,17 @@ fn render(step: &Step, first: bool) -> testing::Event {
 fn arrivals(
     history: impl Strategy<Value = Vec<ProjectedEvent>>,
 ) -> impl Strategy<Value = (Vec<ProjectedEvent>, Vec<ProjectedEvent>)> {
-    history
-        .prop_flat_map(|events| {
-            let n = events.len();
-            (Just(events), prop::collection::vec(0..n, 0..=n))
-        })
-        .prop_flat_map(|(events, redelivered)| {
-            let mut arrival = events.clone();
-            arrival.extend(redelivered.iter().map(|&i| events[i].clone()));
-            (Just(events), Just(arrival).prop_shuffle())
-        })
+    history.prop_flat_map(|events| (Just(events.clone()), arrival(events)))
+}
+
+/// `events` shuffled, with some of them redelivered.
+fn arrival(events: Vec<ProjectedEvent>) -> impl Strategy<Value = Vec<ProjectedEvent>> {
+    let n = events.len();
+    prop::collection::vec(0..n, 0..=n).prop_flat_map(move |redelivered| {
+        let mut arrival = events.clone();
+        arrival.extend(redelivered.iter().map(|&i| events[i].clone()));
+        Just(arrival).prop_shuffle()
+    })
 }
 
 fn subscription_lifecycles() -> impl Strategy<Value = Vec<ProjectedEvent>> {
@@ -216,15 +225,89 @@ fn subscription_lifecycles() -> impl Strategy<Value = Vec<ProjectedEvent>> {
         .prop_map(history)
 }
 
-fn mixed_histories() -> impl Strategy<Value = Vec<ProjectedEvent>> {
-    let family = prop_oneof![
+fn any_family() -> impl Strategy<Value = Family> {
+    prop_oneof![
         4 => Just(Family::Subscription),
         2 => Just(Family::Invoice),
         2 => Just(Family::CheckoutSession),
         1 => Just(Family::Summary),
         1 => Just(Family::Customer),
-    ];
-    prop::collection::vec(step(family, 2), 1..24).prop_map(history)
+    ]
+}
+
+fn mixed_histories() -> impl Strategy<Value = Vec<ProjectedEvent>> {
+    prop::collection::vec(step(any_family(), 2), 1..24).prop_map(history)
+}
+
+/// A webhook history, and the same history with backfills run in between.
+#[derive(Debug, Clone)]
+struct Backfilled {
+    webhooks: Vec<ProjectedEvent>,
+    /// `webhooks` with each backfill's snapshots where it ran.
+    mixed: Vec<ProjectedEvent>,
+}
+
+/// Each backfill runs after one event of the history and fetches every object seen so far:
+/// its current snapshot (the max-rank one), as the API would answer then, in the second after
+/// that event. The next event comes at least a second after the fetch, so no webhook shares
+/// the backfill's second, where the type rank alone would decide between the two.
+fn backfilled_histories() -> impl Strategy<Value = Backfilled> {
+    (
+        prop::collection::vec(step(any_family(), 2), 1..24),
+        prop::collection::vec(any::<prop::sample::Index>(), 1..4),
+    )
+        .prop_map(|(mut steps, points)| {
+            let points: BTreeSet<usize> = points.iter().map(|p| p.index(steps.len())).collect();
+            for &point in &points {
+                if let Some(next) = steps.get_mut(point + 1) {
+                    next.gap = next.gap.max(2);
+                }
+            }
+            let webhooks = history(steps);
+            let mut mixed = Vec::new();
+            for (index, webhook) in webhooks.iter().enumerate() {
+                mixed.push(webhook.clone());
+                if points.contains(&index) {
+                    mixed.extend(backfill(&webhooks[..=index], index, webhook.created + 1));
+                }
+            }
+            Backfilled { webhooks, mixed }
+        })
+}
+
+/// The backfill records of every object in `seen`, fetched at `fetched_at`. Stripe's list
+/// endpoints leave deleted customers out.
+fn backfill(seen: &[ProjectedEvent], run: usize, fetched_at: i64) -> Vec<ProjectedEvent> {
+    truth(seen)
+        .into_values()
+        .filter(|(_, snapshot)| !matches!(snapshot, Snapshot::Customer(c) if c.deleted))
+        .map(|(_, snapshot)| {
+            let object: serde_json::Value =
+                serde_json::from_str(snapshot.raw()).expect("the snapshot's own JSON");
+            let kind = snapshot.kind();
+            event(&backfilled_event_type(kind.stripe_object()), object)
+                .id(&format!("evt_bf_{run}_{kind}_{}", snapshot.object_id()))
+                .created(fetched_at)
+                .project()
+        })
+        .collect()
+}
+
+/// The view without `updated_at`, which is the latest `created` applied and so moves with a
+/// backfill's fetch time.
+fn view_content(state: &CustomerState, policy: &EntitlementPolicy) -> EntitlementView {
+    EntitlementView {
+        updated_at_unix: 0,
+        ..compute(state, policy)
+    }
+}
+
+/// Every object's current snapshot, without the rank it came with.
+fn contents(state: &CustomerState) -> BTreeMap<(u8, String), Snapshot> {
+    held(state)
+        .into_iter()
+        .map(|(key, (_, snapshot))| (key, snapshot))
+        .collect()
 }
 
 fn replay(events: &[ProjectedEvent]) -> CustomerState {
@@ -311,6 +394,23 @@ fn assert_converges(history: &[ProjectedEvent], arrival: &[ProjectedEvent]) {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn backfills_mixed_into_webhooks_converge_to_the_webhooks_state(
+        (history, arrival) in backfilled_histories().prop_flat_map(|h| {
+            let mixed = h.mixed.clone();
+            (Just(h), arrival(mixed))
+        })
+    ) {
+        assert_converges(&history.mixed, &arrival);
+        let webhooks = replay(&history.webhooks);
+        let mixed = replay(&arrival);
+        assert_eq!(contents(&mixed), contents(&webhooks));
+        assert_eq!(mixed.deleted, webhooks.deleted);
+        for policy in policies() {
+            assert_eq!(view_content(&mixed, &policy), view_content(&webhooks, &policy));
+        }
+    }
 
     #[test]
     fn subscription_lifecycles_converge_under_any_arrival_order(

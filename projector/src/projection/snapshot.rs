@@ -29,12 +29,16 @@ pub enum ObjectKind {
 
 impl ObjectKind {
     /// The family an event type belongs to, or `None` when the projection ignores that type.
+    /// A backfill snapshot (`<object type>.backfilled`, SPEC §11) belongs to its object's
+    /// family like Stripe's own events of it.
     pub fn for_event_type(event_type: &str) -> Option<ObjectKind> {
         match event_type {
-            "customer.created" | "customer.updated" | "customer.deleted" => {
-                Some(ObjectKind::Customer)
-            }
-            "entitlements.active_entitlement_summary.updated" => {
+            "customer.created"
+            | "customer.updated"
+            | "customer.deleted"
+            | "customer.backfilled" => Some(ObjectKind::Customer),
+            "entitlements.active_entitlement_summary.updated"
+            | "entitlements.active_entitlement_summary.backfilled" => {
                 Some(ObjectKind::EntitlementSummary)
             }
             // A preview of the next invoice: it has no id and is not a state of any real
@@ -134,6 +138,9 @@ pub struct InvoiceSnapshot {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckoutSessionSnapshot {
     pub id: String,
+    /// When the session was created: which of a customer's sessions is the latest must not
+    /// depend on when its events were sent or a backfill fetched it.
+    pub created: Option<i64>,
     pub customer: Option<String>,
     pub client_reference_id: Option<String>,
     pub mode: String,
@@ -354,6 +361,8 @@ struct CheckoutSessionMembers<'a> {
     object: Option<&'a RawValue>,
     #[serde(borrow)]
     id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    created: Option<&'a RawValue>,
     #[serde(borrow)]
     customer: Option<&'a RawValue>,
     #[serde(borrow)]
@@ -762,6 +771,7 @@ impl CheckoutSessionSnapshot {
         };
         Ok(CheckoutSessionSnapshot {
             id: required_id(m.id, &at("id"))?,
+            created: optional(m.created, &at("created"))?,
             customer: optional_ref(m.customer, &at("customer"))?,
             client_reference_id: optional(m.client_reference_id, &at("client_reference_id"))?,
             mode: required(m.mode, &at("mode"))?,

@@ -15,6 +15,11 @@ use crate::projection::{
 };
 
 use super::load_states;
+use super::locks::lock_customers;
+use super::text::storable_json;
+
+/// DLQ header of a record Postgres refused: its SQLSTATE.
+pub const DLQ_SQLSTATE: &str = "dlq-sqlstate";
 
 /// A record as consumed: where it is and its bytes.
 #[derive(Debug, Clone)]
@@ -39,17 +44,24 @@ pub enum BatchMode {
 }
 
 impl BatchMode {
-    fn tracks_offsets(self) -> bool {
+    pub(super) fn tracks_offsets(self) -> bool {
         matches!(self, BatchMode::Live | BatchMode::Rebuild)
     }
 
-    fn emits(self) -> bool {
+    pub(super) fn emits(self) -> bool {
+        matches!(self, BatchMode::Live | BatchMode::Redrive)
+    }
+
+    /// Whether the batch writes the live tables, which others write concurrently: it then takes
+    /// the rebuild lock shared (to wait while a rebuild swaps them) and the customers' locks.
+    /// A rebuild's own batches write a schema nobody else writes.
+    fn writes_live_tables(self) -> bool {
         matches!(self, BatchMode::Live | BatchMode::Redrive)
     }
 }
 
-/// Key of the advisory lock that a rebuild holds exclusively while it swaps; live batches take
-/// it shared, so they pause between batches and resume on the swapped tables.
+/// Key of the advisory lock that a rebuild holds exclusively while it swaps; live batches and
+/// redrives take it shared, so they pause between batches and resume on the swapped tables.
 pub const REBUILD_LOCK: i64 = 0x5354_5249_5045_0001;
 
 /// What a batch needs besides its records.
@@ -70,6 +82,8 @@ pub struct BatchOutcome {
     pub events_by_type: BTreeMap<String, u64>,
     /// New events whose type the projection ignores, by type.
     pub ignored: BTreeMap<String, u64>,
+    /// New thin events, by type: kept in the log, never projected and never dead letters.
+    pub thin: BTreeMap<String, u64>,
     /// Records skipped because their event id was applied before.
     pub duplicates: u64,
     /// Records below the stored offset (re-deliveries after a rebalance or restart).
@@ -89,12 +103,14 @@ pub struct BatchOutcome {
 }
 
 /// A record that could not be used, and why (stable reason code + message).
-struct DeadLetter<'r> {
-    record: &'r InputRecord,
-    event_id: Option<String>,
-    event_type: Option<String>,
-    reason: &'static str,
-    message: String,
+pub(super) struct DeadLetter<'r> {
+    pub(super) record: &'r InputRecord,
+    pub(super) event_id: Option<String>,
+    pub(super) event_type: Option<String>,
+    pub(super) reason: &'static str,
+    pub(super) message: String,
+    /// When Postgres refused the record: its SQLSTATE.
+    pub(super) sqlstate: Option<String>,
 }
 
 /// The change message of SPEC §9.
@@ -125,7 +141,7 @@ pub async fn apply_batch(
 ) -> Result<BatchOutcome, sqlx::Error> {
     let mut outcome = BatchOutcome::default();
     let mut tx = pool.begin().await?;
-    if ctx.mode == BatchMode::Live {
+    if ctx.mode.writes_live_tables() {
         sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
             .bind(REBUILD_LOCK)
             .execute(&mut *tx)
@@ -167,16 +183,20 @@ pub async fn apply_batch(
                 event_type: None,
                 reason: "empty_record",
                 message: "the record has no value".into(),
+                sqlstate: None,
             });
             continue;
         };
-        match EventEnvelope::parse(payload) {
+        // What Postgres cannot store (a NUL in metadata) is replaced, so the event is projected.
+        let payload = storable_json(payload);
+        match EventEnvelope::parse(&payload) {
             Err(e) => dead.push(DeadLetter {
                 record,
                 event_id: None,
                 event_type: None,
                 reason: "invalid_envelope",
                 message: e.to_string(),
+                sqlstate: None,
             }),
             Ok(envelope) => match project(&envelope) {
                 Ok(event) => projected.push((event, record)),
@@ -186,6 +206,7 @@ pub async fn apply_batch(
                     event_type: Some(envelope.event_type.to_owned()),
                     reason: "unexpected_shape",
                     message: e.to_string(),
+                    sqlstate: None,
                 }),
             },
         }
@@ -221,6 +242,10 @@ pub async fn apply_batch(
             .entry(event.event_type.clone())
             .or_default() += 1;
         outcome.applied_ids.push(event.event_id.clone());
+        if event.thin {
+            *outcome.thin.entry(event.event_type.clone()).or_default() += 1;
+            continue;
+        }
         if event.snapshot.is_none() {
             *outcome.ignored.entry(event.event_type.clone()).or_default() += 1;
             continue;
@@ -234,8 +259,13 @@ pub async fn apply_batch(
         }
     }
 
-    // 5. Upsert the newest snapshot per object, guarded by rank in SQL as well.
+    // 5. Lock every touched customer before anything of theirs is written or read, so that a
+    //    concurrent batch or redrive of the same customer commits entirely before or after
+    //    this one. Then upsert the newest snapshot per object, guarded by rank in SQL as well.
     let batch = coalesce(projected.into_iter().map(|(e, _)| e));
+    if ctx.mode.writes_live_tables() {
+        lock_customers(&mut tx, batch.customers.keys()).await?;
+    }
     upsert_objects(&mut tx, &batch.objects).await?;
     let deleted: Vec<&CustomerKey> = batch
         .customers
@@ -303,7 +333,7 @@ pub async fn apply_batch(
     Ok(outcome)
 }
 
-async fn lock_offsets(
+pub(super) async fn lock_offsets(
     tx: &mut Transaction<'_, Postgres>,
     topic: &str,
     records: &[InputRecord],
@@ -836,7 +866,7 @@ impl OutboxRows {
     }
 }
 
-async fn write_dead_letters(
+pub(super) async fn write_dead_letters(
     tx: &mut Transaction<'_, Postgres>,
     ctx: &BatchContext<'_>,
     dead: &[DeadLetter<'_>],
@@ -857,10 +887,10 @@ async fn write_dead_letters(
             "dead letter"
         );
         sqlx::query(
-            "INSERT INTO dead_letters (event_id, event_type, topic, partition, \"offset\", reason, message, payload)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+            "INSERT INTO dead_letters (event_id, event_type, topic, partition, \"offset\", reason, message, payload, sqlstate)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
              ON CONFLICT (topic, partition, \"offset\") DO UPDATE SET reason = EXCLUDED.reason,
-                 message = EXCLUDED.message, redriven_at = NULL",
+                 message = EXCLUDED.message, sqlstate = EXCLUDED.sqlstate, redriven_at = NULL",
         )
         .bind(&d.event_id)
         .bind(&d.event_type)
@@ -870,13 +900,17 @@ async fn write_dead_letters(
         .bind(d.reason)
         .bind(&d.message)
         .bind(&payload)
+        .bind(&d.sqlstate)
         .execute(&mut **tx)
         .await?;
-        let headers = serde_json::json!({
+        let mut headers = serde_json::json!({
             header::DLQ_REASON: d.reason,
             header::DLQ_MESSAGE: d.message,
             header::DLQ_SOURCE: source,
         });
+        if let Some(sqlstate) = &d.sqlstate {
+            headers[DLQ_SQLSTATE] = serde_json::json!(sqlstate);
+        }
         // A redriven record that fails again is already in the DLQ topic; a rebuild's were
         // published when live processing met them.
         if ctx.mode == BatchMode::Live {

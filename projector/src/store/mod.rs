@@ -2,8 +2,13 @@
 //! what the data means is decided in `projection`.
 
 mod batch;
+mod dedupe;
+pub mod error;
 mod load;
+pub mod locks;
+mod poison;
 pub mod read;
+pub mod text;
 
 use std::time::Duration;
 
@@ -13,9 +18,12 @@ use sqlx::PgPool;
 
 pub use batch::{
     apply_batch, same_entitlements, BatchContext, BatchMode, BatchOutcome, InputRecord,
-    REBUILD_LOCK,
+    DLQ_SQLSTATE, REBUILD_LOCK,
 };
+pub use dedupe::prune_processed_events;
 pub use load::load_states;
+pub use locks::{lock_customers, RELAY_LEADER_LOCK};
+pub use poison::{dead_letter_rejected, DATABASE_REJECTED};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 

@@ -329,14 +329,18 @@ impl Pipeline {
 
     pub fn start_projector(&mut self) {
         assert!(self.projector.is_none(), "projector already running");
-        let env = self.projector_env();
-        self.projector = Some(Service::spawn(
+        self.projector = Some(self.spawn_projector());
+    }
+
+    /// One more `projector run` instance in the same group and database.
+    pub fn spawn_projector(&self) -> Service {
+        Service::spawn(
             "projector",
             binary("projector"),
             &["run"],
-            &env,
+            &self.projector_env(),
             "projector listening",
-        ));
+        )
     }
 
     /// Runs a projector subcommand to completion (e.g. `redrive`).
@@ -405,11 +409,12 @@ impl Pipeline {
             .fetch_one(&mut db)
             .await
             .unwrap_or(None);
-            let pending: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-                    .fetch_one(&mut db)
-                    .await
-                    .unwrap_or(1);
+            let pending: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM outbox WHERE published_at IS NULL AND parked_at IS NULL",
+            )
+            .fetch_one(&mut db)
+            .await
+            .unwrap_or(1);
             if applied.unwrap_or(0) as u64 >= self.appended && pending == 0 {
                 return;
             }
