@@ -39,27 +39,6 @@ pub struct Receipt<'a> {
     pub received_at_ms: i64,
 }
 
-/// `stripe-source` (SPEC §5): where a record came from when it is not a webhook request.
-pub const SOURCE_HEADER: &str = "stripe-source";
-
-/// Where a record that ingest wrote itself came from (SPEC §5, §11).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RecordSource {
-    /// A `*.backfilled` snapshot of an object read from the API.
-    Backfill,
-    /// An event read from `GET /v1/events`.
-    EventsApi,
-}
-
-impl RecordSource {
-    pub fn header_value(self) -> &'static str {
-        match self {
-            RecordSource::Backfill => "backfill",
-            RecordSource::EventsApi => "events-api",
-        }
-    }
-}
-
 /// A record ingest writes on its own (backfill, reconcile, the fetch after a thin event): no
 /// signature, since no request was signed, and a `stripe-source` header instead.
 #[derive(Debug, Clone)]
@@ -73,7 +52,8 @@ pub struct SourcedRecord<'a> {
     /// SPEC §5's partition key.
     pub key: &'a str,
     pub body: &'a [u8],
-    pub source: RecordSource,
+    /// `backfill` or `events-api`.
+    pub source: EventSource,
 }
 
 pub struct EventLog {
@@ -165,7 +145,7 @@ impl EventLog {
         }
         headers = headers
             .insert(h(header::RECEIVED_AT, &received_at))
-            .insert(h(SOURCE_HEADER, record.source.header_value()));
+            .insert(h(header::SOURCE, record.source.as_str()));
         let record = FutureRecord::to(&self.events_topic)
             .key(record.key)
             .payload(record.body)

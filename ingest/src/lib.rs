@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod reconcile;
+pub mod related_fetch;
 pub mod routes;
 pub mod signature;
 pub mod startup;

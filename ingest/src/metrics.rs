@@ -1,10 +1,15 @@
-//! Ingest's metrics: requests by outcome, append latency, producer queue.
+//! Ingest's metrics: requests by outcome, append latency, producer queue, related-object
+//! fetches after thin events.
+
+use std::sync::Arc;
 
 use shared::metrics::{render_gauge, CounterVec, Histogram, LATENCY_BUCKETS};
 
 pub struct Metrics {
     pub requests: CounterVec,
     pub append_latency: Histogram,
+    /// Shared with the background fetch, which counts what it did.
+    pub related_object_fetches: Arc<CounterVec>,
 }
 
 impl Default for Metrics {
@@ -20,6 +25,7 @@ impl Default for Metrics {
                 "Time from produce to the broker's acknowledgement of a raw event.",
                 LATENCY_BUCKETS,
             ),
+            related_object_fetches: Arc::new(crate::related_fetch::fetch_counter()),
         }
     }
 }
@@ -29,6 +35,7 @@ impl Metrics {
         let mut out = String::with_capacity(2048);
         self.requests.render(&mut out);
         self.append_latency.render(&mut out);
+        self.related_object_fetches.render(&mut out);
         render_gauge(
             &mut out,
             "ingest_producer_queue_messages",

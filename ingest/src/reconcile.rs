@@ -7,11 +7,11 @@ use std::time::Instant;
 
 use serde::Serialize;
 use shared::envelope::scoped_key;
-use shared::EventEnvelope;
+use shared::{EventEnvelope, EventSource};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::append::{AppendError, EventLog, Receipt, RecordSource, SourcedRecord};
+use crate::append::{AppendError, EventLog, Receipt, SourcedRecord};
 use crate::backfill::{per_second, unix_now, unix_now_ms};
 use crate::stripe_api::{StripeApiError, StripeClient};
 
@@ -190,7 +190,7 @@ async fn append_event(
         account,
         key: &key,
         body,
-        source: RecordSource::EventsApi,
+        source: EventSource::EventsApi,
     };
     log.append_sourced(&record, received_at_ms).await?;
     Ok(Appended::Event)

@@ -11,6 +11,7 @@ use shared::kafka::{ensure_topics, TopicSpec};
 use crate::append::EventLog;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::related_fetch;
 use crate::routes::{self, RelatedObjectFetch};
 
 /// What every request handler shares.
@@ -29,6 +30,8 @@ pub enum StartupError {
     Topics(#[from] shared::kafka::TopicError),
     #[error("cannot create the Kafka producer: {0}")]
     Producer(#[from] rdkafka::error::KafkaError),
+    #[error("cannot build the Stripe API client: {0}")]
+    StripeApi(#[from] crate::stripe_api::StripeApiError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -73,11 +76,20 @@ impl Application {
                 source,
             })?
             .port();
+        let metrics = Metrics::default();
+        let related_objects = match &config.stripe_api {
+            Some(api) => Some(related_fetch::start(
+                api,
+                &config,
+                metrics.related_object_fetches.clone(),
+            )?),
+            None => None,
+        };
         let state = web::Data::new(AppState {
             config,
             log,
-            metrics: Metrics::default(),
-            related_objects: None,
+            metrics,
+            related_objects,
         });
         let app_state = state.clone();
         let server = HttpServer::new(move || {

@@ -547,7 +547,11 @@ async fn a_server_whose_cursor_does_not_move_fails_the_backfill_instead_of_pagin
 
     // Act
     let output = ingest_command(
-        &["backfill", "--state-dir", &state_dir().display().to_string()],
+        &[
+            "backfill",
+            "--state-dir",
+            &state_dir().display().to_string(),
+        ],
         &base,
         &topic,
     );

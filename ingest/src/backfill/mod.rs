@@ -15,7 +15,9 @@ use futures_util::stream::{self, StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::append::{AppendError, EventLog, RecordSource, SourcedRecord};
+use shared::EventSource;
+
+use crate::append::{AppendError, EventLog, SourcedRecord};
 use crate::stripe_api::{ListPage, StripeApiError, StripeClient};
 use checkpoint::{Checkpoint, CheckpointError};
 use snapshot::{entitlement_summary, Snapshot, SnapshotError};
@@ -320,7 +322,7 @@ async fn append_all(log: &EventLog, snapshots: &[Snapshot]) -> Result<(), Append
             account: s.account.as_deref(),
             key: &s.key,
             body: &s.body,
-            source: RecordSource::Backfill,
+            source: EventSource::Backfill,
         };
         async move { log.append_sourced(&record, received_at_ms).await }
     });

@@ -14,7 +14,7 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
-use shared::envelope::{scoped_key, ObjectRef};
+use shared::envelope::{backfilled_event_type, scoped_key, ObjectRef};
 
 /// The prefix of every backfill snapshot's event id, so that a reader of the log sees at once
 /// which records did not come from Stripe's event stream.
@@ -54,19 +54,8 @@ struct Livemode {
     livemode: Option<bool>,
 }
 
-/// The event type family of an object type: Stripe names subscription events
-/// `customer.subscription.*`; every other type we backfill is named after its object.
-pub fn event_type_for(object_type: &str) -> String {
-    let family = match object_type {
-        "subscription" => "customer.subscription",
-        other => other,
-    };
-    format!("{family}.backfilled")
-}
-
 /// Wraps `object` (exact bytes) in a snapshot envelope fetched at `fetched_at` (unix seconds).
-/// `id_of` names the object when it has no `id` of its own (an entitlement summary is
-/// identified by its customer).
+/// An entitlement summary has no `id` of its own and is identified by its customer.
 pub fn snapshot(
     object: &RawValue,
     account: Option<&str>,
@@ -91,7 +80,7 @@ pub fn snapshot(
         .unwrap_or(false);
     let canonical = canonical_json(object)?;
     let id = snapshot_id(account, object_type, object_id, &canonical);
-    let event_type = event_type_for(object_type);
+    let event_type = backfilled_event_type(object_type);
     let key = scoped_key(account, customer.unwrap_or(&id));
     let body = envelope(&id, &event_type, fetched_at, livemode, account, object);
     Ok(Snapshot {
@@ -274,13 +263,16 @@ mod tests {
 
     #[test]
     fn types_keep_their_object_name_except_subscriptions() {
-        assert_eq!(event_type_for("customer"), "customer.backfilled");
+        let type_of = |object: &str| {
+            let raw = raw(&format!(
+                r#"{{"id":"x_1","object":"{object}","customer":"cus_1"}}"#
+            ));
+            snapshot(&raw, None, 1).unwrap().event_type
+        };
+        assert_eq!(type_of("customer"), "customer.backfilled");
+        assert_eq!(type_of("checkout.session"), "checkout.session.backfilled");
         assert_eq!(
-            event_type_for("checkout.session"),
-            "checkout.session.backfilled"
-        );
-        assert_eq!(
-            event_type_for(ENTITLEMENT_SUMMARY),
+            type_of(ENTITLEMENT_SUMMARY),
             "entitlements.active_entitlement_summary.backfilled"
         );
     }
