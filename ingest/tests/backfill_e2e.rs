@@ -560,5 +560,9 @@ async fn a_server_whose_cursor_does_not_move_fails_the_backfill_instead_of_pagin
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("stripe_invalid_response"), "{stderr}");
-    assert_eq!(seen.lock().unwrap().requests.len(), 2);
+    let requests = seen.lock().unwrap().requests.len();
+    assert!(
+        (2..=3).contains(&requests),
+        "stopped at the repeated cursor, after {requests} requests"
+    );
 }
