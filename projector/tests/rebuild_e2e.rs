@@ -402,27 +402,41 @@ fn succeeded(what: &str, output: &Output) -> String {
     stdout
 }
 
-/// Runs `projector rebuild [args]` to completion; prints its summary (the rebuild rate) and
-/// returns (the per-customer difference lines, the summary line).
-fn rebuild(pipeline: &Pipeline, args: &[&str]) -> (Vec<String>, String) {
-    let mut command = vec!["rebuild"];
+/// Runs `projector rebuild --json [args]` to completion; prints its summary (the rebuild rate,
+/// how long live was paused) and returns the `--json` report.
+fn rebuild(pipeline: &Pipeline, args: &[&str]) -> Value {
+    let mut command = vec!["rebuild", "--json"];
     command.extend(args);
     let started = Instant::now();
     let output = output_within_deadline(projector(pipeline, &command));
     let stdout = succeeded(&command.join(" "), &output);
-    split_rebuild_output(&command.join(" "), &stdout, started.elapsed())
+    rebuild_report(&command.join(" "), &stdout, started.elapsed())
 }
 
-fn split_rebuild_output(what: &str, stdout: &str, took: Duration) -> (Vec<String>, String) {
-    let mut lines: Vec<String> = stdout.lines().map(str::to_owned).collect();
-    let summary = lines
-        .pop()
-        .unwrap_or_else(|| panic!("projector {what} printed nothing"));
+/// The `--json` report `projector rebuild` printed, after printing its figures.
+fn rebuild_report(what: &str, stdout: &str, took: Duration) -> Value {
+    let report: Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("projector {what} printed no JSON report ({e}): {stdout}"));
     println!(
-        "projector {what}: {summary}  [process wall time {:.2}s]",
+        "projector {what}: {} events, {:.0} events/s, live paused {:.1} ms, {} customers changed \
+         [process wall time {:.2}s]",
+        report["events"],
+        report["events_per_sec"].as_f64().unwrap_or_default(),
+        report["lock_held_ms"].as_f64().unwrap_or_default(),
+        report["changed"],
         took.as_secs_f64()
     );
-    (lines, summary)
+    report
+}
+
+/// The customers a report lists as changed, as message keys (`account/customer` or `customer`).
+fn changed_keys(report: &Value) -> Vec<String> {
+    report["differences"]
+        .as_array()
+        .expect("differences")
+        .iter()
+        .map(|d| message_key(d["account"].as_str(), d["customer"].as_str().unwrap()))
+        .collect()
 }
 
 /// The entitlement rows by message key (`account/customer` or `customer`).
@@ -517,19 +531,17 @@ async fn rebuild_while_live_reproduces_every_projection_and_publishes_nothing() 
     }
 
     // Act: rebuild from offset 0 while `projector run` keeps serving.
-    let (differences, summary) = rebuild(&pipeline, &[]);
+    let report = rebuild(&pipeline, &[]);
     pipeline.settle().await;
 
     // Assert: identical tables (entitlements to the last column: version and updated_at
     // included), the same API answers, and nothing published.
-    assert!(
-        differences.is_empty(),
-        "rebuild reported differences: {differences:?}"
+    assert_eq!(report["swapped"], true, "{report}");
+    assert_eq!(
+        report["changed"], 0,
+        "rebuild reported differences: {report}"
     );
-    assert!(
-        summary.starts_with("rebuilt:") && summary.contains(" 0 customers changed"),
-        "{summary}"
-    );
+    assert_eq!(report["differences"], json!([]), "{report}");
     let after = pipeline.projections().await;
     assert_same_projections("live (left) vs rebuilt (right)", &before, &after);
     assert_eq!(
@@ -707,7 +719,7 @@ async fn rebuild_under_load_reflects_every_event_exactly_once() {
         assert!(Instant::now() < deadline, "the load did not start");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let command = projector(&pipeline, &["rebuild"]);
+    let command = projector(&pipeline, &["rebuild", "--json"]);
     let rebuild_run = tokio::task::spawn_blocking({
         let (sent, rebuild_done) = (sent.clone(), rebuild_done.clone());
         move || {
@@ -723,7 +735,8 @@ async fn rebuild_under_load_reflects_every_event_exactly_once() {
     let (output, at_start, at_end, took) = rebuild_run.await.unwrap();
     let (load, load_customers) = sender.await.unwrap();
     let stdout = succeeded("rebuild", &output);
-    let (differences, _) = split_rebuild_output("rebuild (under load)", &stdout, took);
+    let report = rebuild_report("rebuild (under load)", &stdout, took);
+    let differences = changed_keys(&report);
     println!(
         "rebuild under load: {} load records, {} of them accepted by ingest while the rebuild ran",
         load.len(),
@@ -836,20 +849,20 @@ async fn rebuild_repairs_a_corrupted_row_with_one_message_and_dry_run_only_repor
     let messages_before = pipeline.changes();
 
     // Act 1: a dry run.
-    let (differences, summary) = rebuild(&pipeline, &["--dry-run"]);
+    let report = rebuild(&pipeline, &["--dry-run"]);
 
     // Assert 1: exactly that customer reported, nothing swapped, nothing published.
-    assert_eq!(differences.len(), 1, "{differences:?}");
-    assert!(
-        differences[0].starts_with("cus_trial: ")
-            && differences[0].contains(r#"features [] -> ["api","pro"]"#),
-        "{}",
-        differences[0]
+    assert_eq!(report["swapped"], false, "{report}");
+    assert_eq!(report["changed"], 1, "{report}");
+    assert_eq!(changed_keys(&report), vec!["cus_trial"], "{report}");
+    let difference = &report["differences"][0];
+    assert_eq!(difference["features_before"], json!([]), "{difference}");
+    assert_eq!(
+        difference["features_after"],
+        json!(["api", "pro"]),
+        "{difference}"
     );
-    assert!(
-        summary.starts_with("dry run:") && summary.contains(" 1 customers would change"),
-        "{summary}"
-    );
+    assert_eq!(difference["version"], version + 1, "{difference}");
     pipeline.settle().await;
     assert_eq!(
         entitlements_by_key(&pipeline.projections().await),
@@ -863,13 +876,13 @@ async fn rebuild_repairs_a_corrupted_row_with_one_message_and_dry_run_only_repor
     );
 
     // Act 2: the real rebuild.
-    let (differences, summary) = rebuild(&pipeline, &[]);
+    let report = rebuild(&pipeline, &[]);
     pipeline.settle().await;
 
     // Assert 2: the row is repaired with one message; nobody else changed.
-    assert_eq!(differences.len(), 1, "{differences:?}");
-    assert!(differences[0].starts_with("cus_trial: "), "{differences:?}");
-    assert!(summary.contains(" 1 customers changed"), "{summary}");
+    assert_eq!(report["swapped"], true, "{report}");
+    assert_eq!(report["changed"], 1, "{report}");
+    assert_eq!(changed_keys(&report), vec!["cus_trial"], "{report}");
     let new_messages = new_changes(&messages_before, &pipeline.changes());
     assert_eq!(new_messages.len(), 1, "{new_messages:?}");
     let (key, message) = &new_messages[0];
@@ -920,7 +933,7 @@ async fn rebuild_after_a_mapping_change_changes_exactly_the_affected_customers()
         );
     assert!(mapping.contains("export") && !mapping.contains("enterprise"));
     std::fs::write(&pipeline.entitlements_path, mapping).unwrap();
-    let (differences, summary) = rebuild(&pipeline, &[]);
+    let report = rebuild(&pipeline, &[]);
     pipeline.settle().await;
 
     // Assert: one message for each affected customer, none for anyone else.
@@ -928,8 +941,12 @@ async fn rebuild_after_a_mapping_change_changes_exactly_the_affected_customers()
     let lose_enterprise = format!("{CONNECT_ACCOUNT}/cus_connect");
     let mut affected: BTreeSet<String> = gain_export.iter().map(|c| c.to_string()).collect();
     affected.insert(lose_enterprise.clone());
-    assert_eq!(differences.len(), affected.len(), "{differences:?}");
-    assert!(summary.contains(" 5 customers changed"), "{summary}");
+    assert_eq!(
+        changed_keys(&report).into_iter().collect::<BTreeSet<_>>(),
+        affected,
+        "{report}"
+    );
+    assert_eq!(report["changed"], 5, "{report}");
     let changes = new_changes(&messages_before, &pipeline.changes());
     let new_messages: BTreeMap<String, &Value> =
         changes.iter().map(|(k, m)| (k.clone(), m)).collect();
@@ -1260,13 +1277,14 @@ async fn customer_unknown_to_the_replay_is_emptied_with_one_message_not_dropped(
     let messages_before = pipeline.changes();
 
     // Act
-    let (dry_run, _) = rebuild(&pipeline, &["--dry-run"]);
-    let (differences, _) = rebuild(&pipeline, &[]);
+    let dry_run = rebuild(&pipeline, &["--dry-run"])["differences"].clone();
+    let differences = rebuild(&pipeline, &[])["differences"].clone();
     pipeline.settle().await;
 
     // Assert: reported, kept with no features at the next version, announced once.
-    assert_eq!(dry_run.len(), 1, "{dry_run:?}");
-    assert!(dry_run[0].starts_with("cus_ghost: "), "{dry_run:?}");
+    assert_eq!(dry_run.as_array().map(Vec::len), Some(1), "{dry_run}");
+    assert_eq!(dry_run[0]["customer"], "cus_ghost", "{dry_run}");
+    assert_eq!(dry_run[0]["removed"], json!(["pro"]), "{dry_run}");
     assert_eq!(differences, dry_run);
     let view = pipeline.entitlements("cus_ghost", None).await;
     assert_eq!(view["features"], json!([]));

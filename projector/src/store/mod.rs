@@ -11,10 +11,10 @@ use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-pub use batch::{
-    apply_batch, same_entitlements, BatchContext, BatchMode, BatchOutcome, InputRecord,
-    REBUILD_LOCK,
-};
+/// Moved to the change model; kept here until `history` imports it from there.
+pub use crate::projection::same_entitlements;
+pub use batch::{apply_batch, BatchContext, BatchMode, BatchOutcome, InputRecord, REBUILD_LOCK};
+pub(crate) use batch::{subscription_items_json, OutboxRows};
 pub use load::load_states;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
