@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{self, StreamExt};
+use rdkafka::Message;
 use serde_json::{json, Value};
 
 use common::events::*;
@@ -362,7 +363,12 @@ fn projector(pipeline: &Pipeline, args: &[&str]) -> Command {
 }
 
 /// Runs `command` to completion; SIGKILLs it and fails the test after `COMMAND_DEADLINE`.
-fn output_within_deadline(mut command: Command) -> Output {
+fn output_within_deadline(command: Command) -> Output {
+    output_within_deadline_of(command, COMMAND_DEADLINE)
+}
+
+/// Runs `command` to completion; SIGKILLs it and fails the test after `deadline`.
+fn output_within_deadline_of(mut command: Command, deadline: Duration) -> Output {
     let child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -373,7 +379,7 @@ fn output_within_deadline(mut command: Command) -> Output {
     std::thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
     });
-    match rx.recv_timeout(COMMAND_DEADLINE) {
+    match rx.recv_timeout(deadline) {
         Ok(output) => output.expect("wait for projector"),
         Err(_) => {
             let _ = Command::new("kill")
@@ -385,7 +391,7 @@ fn output_within_deadline(mut command: Command) -> Output {
                 .and_then(Result::ok)
                 .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
                 .unwrap_or_default();
-            panic!("{command:?} did not finish within {COMMAND_DEADLINE:?}; stderr:\n{stderr}");
+            panic!("{command:?} did not finish within {deadline:?}; stderr:\n{stderr}");
         }
     }
 }
@@ -1295,4 +1301,416 @@ async fn customer_unknown_to_the_replay_is_emptied_with_one_message_not_dropped(
     assert_eq!(new_messages[0].0, "cus_ghost");
     assert_eq!(new_messages[0].1["removed"], json!(["pro"]));
     assert_eq!(new_messages[0].1["version"], 4);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dead letters stay as live has them
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn dead_letters_and_their_redrive_state_survive_a_rebuild_untouched() {
+    // Arrange: a malformed event live dead-letters (pending), and a dead letter of a valid
+    // event in the log, as an older projector version recorded it, redriven since.
+    let mut pipeline = Pipeline::start(Options::default()).await;
+    let valid = Event::new(
+        "evt_dl_2",
+        "customer.subscription.created",
+        T0 + 10,
+        subscription("sub_dl", "cus_dl", "active", &[PRO], T0 + MONTH, true),
+    )
+    .body();
+    let mut malformed = subscription("sub_dl", "cus_dl", "active", &[PRO], T0 + MONTH, true);
+    malformed.as_object_mut().unwrap().remove("status");
+    let malformed = Event::new(
+        "evt_dl_3",
+        "customer.subscription.updated",
+        T0 + 20,
+        malformed,
+    );
+    pipeline
+        .send_all(&[
+            Event::new(
+                "evt_dl_1",
+                "customer.created",
+                T0,
+                customer("cus_dl", false),
+            )
+            .body(),
+            valid.clone(),
+            malformed.body(),
+        ])
+        .await;
+    pipeline.settle().await;
+    let record = read_topic_to_end(&pipeline.events_topic)
+        .into_iter()
+        .find(|m| m.payload() == Some(valid.as_bytes()))
+        .expect("the valid event is in the log");
+    let mut db = pipeline.db().await;
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO dead_letters (event_id, event_type, topic, partition, \"offset\", reason, message, payload)
+         VALUES ('evt_dl_2', 'customer.subscription.created', $1, $2, $3, 'unexpected_shape',
+                 'rejected by an older projector version', $4) RETURNING id",
+    )
+    .bind(&pipeline.events_topic)
+    .bind(record.partition())
+    .bind(record.offset())
+    .bind(valid.as_bytes())
+    .fetch_one(&mut db)
+    .await
+    .unwrap();
+    let redrive = pipeline.projector_command(&["redrive", "--id", &id.to_string()]);
+    assert!(redrive.status.success(), "{redrive:?}");
+    pipeline.settle().await;
+    let dead_letters_sql = "SELECT id, event_id, partition, \"offset\", reason, redriven_at FROM dead_letters ORDER BY id";
+    let before = pipeline.table(dead_letters_sql).await;
+    assert_eq!(before.len(), 2, "{before:?}");
+    assert!(before
+        .iter()
+        .any(|d| d["event_id"] == "evt_dl_2" && !d["redriven_at"].is_null()));
+    assert!(before
+        .iter()
+        .any(|d| d["event_id"] == "evt_dl_3" && d["redriven_at"].is_null()));
+    let dlq_before = read_topic_to_end(&pipeline.dlq_topic).len();
+
+    // Act
+    let report = rebuild(&pipeline, &[]);
+    pipeline.settle().await;
+
+    // Assert: the same rows, redrive state included; the replay met the malformed record but
+    // neither recorded nor published it again; nothing else changed.
+    assert_eq!(pipeline.table(dead_letters_sql).await, before);
+    assert_eq!(report["dead_letters"], 1, "{report}");
+    assert_eq!(read_topic_to_end(&pipeline.dlq_topic).len(), dlq_before);
+    assert_eq!(report["changed"], 0, "{report}");
+    assert_eq!(
+        pipeline.entitlements("cus_dl", None).await["features"],
+        json!(["api", "pro"])
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A large log: a crashed rebuild, then one that does not stop the world
+// ---------------------------------------------------------------------------------------------
+
+/// Customers of the large log, and events per customer: 300,000 events.
+const LARGE_CUSTOMERS: usize = 30_000;
+const LARGE_STEPS: usize = 10;
+
+/// Event `step` of large-log customer `c`: created, then a subscription's life with invoices.
+fn large_event(c: usize, step: usize) -> String {
+    let customer_id = format!("cus_big_{c}");
+    let subscription_id = format!("sub_big_{c}");
+    let id = format!("evt_big_{c}_{step}");
+    let created = T0 + (step as i64) * DAY;
+    let statuses = ["trialing", "active", "past_due", "canceled", "active"];
+    let items: &[Item<'_>] = if c % 2 == 0 { &[PRO] } else { &[TEAM] };
+    let event = match step {
+        0 => Event::new(
+            &id,
+            "customer.created",
+            created,
+            customer(&customer_id, false),
+        ),
+        s if s % 2 == 0 => Event::new(
+            &id,
+            "invoice.paid",
+            created,
+            invoice(
+                &format!("in_big_{c}_{s}"),
+                &customer_id,
+                &subscription_id,
+                "paid",
+                1,
+                None,
+                created + MONTH,
+                true,
+            ),
+        ),
+        s => Event::new(
+            &id,
+            if s == 1 {
+                "customer.subscription.created"
+            } else {
+                "customer.subscription.updated"
+            },
+            created,
+            subscription(
+                &subscription_id,
+                &customer_id,
+                statuses[(s / 2) % statuses.len()],
+                items,
+                created + MONTH,
+                true,
+            ),
+        ),
+    };
+    event.body()
+}
+
+/// A producer straight to the log (not through ingest): the large log is for the rebuild, and
+/// signing and POSTing 300,000 webhooks would take most of the test's time.
+fn log_producer() -> rdkafka::producer::FutureProducer {
+    shared::kafka::durable_producer_config(&brokers(), Duration::from_secs(60))
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .create()
+        .expect("producer")
+}
+
+/// Appends `(key, body)` records to `topic`, waiting for every acknowledgement.
+async fn produce_all(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    records: impl Iterator<Item = (String, String)>,
+) -> u64 {
+    use rdkafka::producer::FutureRecord;
+    let mut deliveries = Vec::new();
+    for (key, body) in records {
+        loop {
+            match producer.send_result(FutureRecord::to(topic).key(&key).payload(&body)) {
+                Ok(delivery) => {
+                    deliveries.push(delivery);
+                    break;
+                }
+                Err(_) => producer.poll(Duration::from_millis(10)),
+            }
+        }
+    }
+    let n = deliveries.len() as u64;
+    for delivery in deliveries {
+        delivery.await.expect("delivery").expect("delivered");
+    }
+    n
+}
+
+/// Live's stored offsets summed: the records it has applied.
+async fn applied(db: &mut sqlx::PgConnection, topic: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT COALESCE(sum(next_offset), 0)::int8 FROM consumer_offsets WHERE topic = $1",
+    )
+    .bind(topic)
+    .fetch_one(db)
+    .await
+    .unwrap()
+}
+
+/// The names of the schemas rebuilds created and did not drop.
+async fn rebuild_schemas(db: &mut sqlx::PgConnection) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'rebuild\\_%' ORDER BY 1",
+    )
+    .fetch_all(db)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_rebuild_after_a_crashed_one_pauses_live_under_2_s_and_the_api_under_1_s() {
+    // Arrange: 300,000 events applied live.
+    let mut pipeline = Pipeline::start(Options::default()).await;
+    let producer = log_producer();
+    let topic = pipeline.events_topic.clone();
+    let log = (0..LARGE_STEPS).flat_map(|step| {
+        (0..LARGE_CUSTOMERS).map(move |c| (format!("cus_big_{c}"), large_event(c, step)))
+    });
+    let started = Instant::now();
+    pipeline.appended += produce_all(&producer, &topic, log).await;
+    let produced = started.elapsed();
+    // Live's catch-up of the whole log takes longer than `settle` waits.
+    let mut db = pipeline.db().await;
+    let deadline = Instant::now() + Duration::from_secs(900);
+    while (applied(&mut db, &topic).await as u64) < pipeline.appended {
+        assert!(
+            Instant::now() < deadline,
+            "live did not apply the large log in 15 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    pipeline.settle().await;
+    println!(
+        "large log: {} events produced in {:.1}s, applied live after {:.1}s",
+        pipeline.appended,
+        produced.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    let messages_before = pipeline.changes().len();
+
+    // Measure, from here to the end: live's longest stall while records wait for it (a
+    // trickle of new customers keeps it busy), and the read API's longest answer.
+    let done = Arc::new(AtomicBool::new(false));
+    let trickled = Arc::new(AtomicU64::new(0));
+    let trickle = tokio::spawn({
+        let (done, trickled, producer, topic) = (
+            done.clone(),
+            trickled.clone(),
+            producer.clone(),
+            topic.clone(),
+        );
+        async move {
+            let mut n = 0;
+            while !done.load(Ordering::SeqCst) {
+                let customer_id = format!("cus_trickle_{n}");
+                let body = Event::new(
+                    &format!("evt_trickle_{n}"),
+                    "customer.created",
+                    T0 + MONTH,
+                    customer(&customer_id, false),
+                )
+                .body();
+                produce_all(&producer, &topic, std::iter::once((customer_id, body))).await;
+                n += 1;
+                trickled.store(n, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    let base = pipeline.appended as i64;
+    let stall_monitor = tokio::spawn({
+        let (done, trickled, topic) = (done.clone(), trickled.clone(), topic.clone());
+        let mut db = pipeline.db().await;
+        async move {
+            let mut longest = Duration::ZERO;
+            let mut last = (applied(&mut db, &topic).await, Instant::now());
+            while !done.load(Ordering::SeqCst) {
+                let now = applied(&mut db, &topic).await;
+                if now > last.0 {
+                    last = (now, Instant::now());
+                } else if base + (trickled.load(Ordering::SeqCst) as i64) > now {
+                    longest = longest.max(last.1.elapsed());
+                } else {
+                    last.1 = Instant::now();
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            longest
+        }
+    });
+    let prober = tokio::spawn({
+        let (done, client, url) = (
+            done.clone(),
+            pipeline.client.clone(),
+            pipeline.api_url("/v1/customers/cus_big_7/entitlements"),
+        );
+        async move {
+            let (mut longest, mut answers) = (Duration::ZERO, 0u64);
+            while !done.load(Ordering::SeqCst) {
+                let asked = Instant::now();
+                let response = client
+                    .get(&url)
+                    .bearer_auth(TOKEN)
+                    .send()
+                    .await
+                    .expect("GET");
+                assert_eq!(response.status(), 200);
+                longest = longest.max(asked.elapsed());
+                answers += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (longest, answers)
+        }
+    });
+
+    // Act 1: a rebuild SIGKILLed while it replays.
+    let mut crashed = projector(&pipeline, &["rebuild", "--json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start rebuild");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let leftover = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the rebuild never started replaying"
+        );
+        assert!(
+            crashed.try_wait().unwrap().is_none(),
+            "the rebuild ended before it was killed"
+        );
+        if let Some(schema) = rebuild_schemas(&mut db).await.into_iter().next() {
+            let staged: Option<i64> = sqlx::query_scalar(&format!(
+                "SELECT count(*) FROM (SELECT 1 FROM {schema}.stage_subscriptions LIMIT 1) s"
+            ))
+            .fetch_one(&mut db)
+            .await
+            .ok();
+            if staged == Some(1) {
+                break schema;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    crashed.kill().unwrap();
+    crashed.wait().unwrap();
+    assert_eq!(rebuild_schemas(&mut db).await, vec![leftover.clone()]);
+
+    // Act 2: the next rebuild, to completion.
+    let report = tokio::task::spawn_blocking({
+        let command = projector(&pipeline, &["rebuild", "--json"]);
+        move || {
+            let started = Instant::now();
+            let output = output_within_deadline_of(command, Duration::from_secs(600));
+            let stdout = succeeded("rebuild", &output);
+            rebuild_report("rebuild (300k events)", &stdout, started.elapsed())
+        }
+    })
+    .await
+    .unwrap();
+    done.store(true, Ordering::SeqCst);
+    trickle.await.unwrap();
+    let longest_stall = stall_monitor.await.unwrap();
+    let (longest_answer, answers) = prober.await.unwrap();
+    pipeline.appended += trickled.load(Ordering::SeqCst);
+    pipeline.settle().await;
+    println!(
+        "during the rebuilds: read API longest answer {:.1} ms over {answers} answers; live's longest stall {:.1} ms; \
+         lock held {:.1} ms for {} records; phases {}",
+        longest_answer.as_secs_f64() * 1e3,
+        longest_stall.as_secs_f64() * 1e3,
+        report["lock_held_ms"].as_f64().unwrap(),
+        report["locked_events"],
+        report["phases"]
+    );
+
+    // Assert: leftovers reused, everything replayed, nothing changed, targets met.
+    assert_eq!(report["leftovers_removed"], json!([leftover]), "{report}");
+    assert_eq!(rebuild_schemas(&mut db).await, Vec::<String>::new());
+    assert!(report["events"].as_u64().unwrap() >= 300_000, "{report}");
+    assert_eq!(
+        report["changed"], 0,
+        "the rebuilt entitlements differ from live's: {report}"
+    );
+    let new_messages: Vec<(Option<String>, Value)> = pipeline
+        .changes()
+        .into_iter()
+        .skip(messages_before)
+        .collect();
+    assert_eq!(
+        new_messages.len() as u64,
+        trickled.load(Ordering::SeqCst),
+        "one message per new customer from live, none from the rebuild"
+    );
+    assert!(new_messages
+        .iter()
+        .all(|(_, m)| m["cause"]["event_type"] == "customer.created"));
+    assert!(
+        report["lock_held_ms"].as_f64().unwrap() < 2_000.0,
+        "{report}"
+    );
+    assert!(
+        longest_stall < Duration::from_secs(2),
+        "live stalled {longest_stall:?}"
+    );
+    assert!(
+        longest_answer < Duration::from_secs(1),
+        "the API took {longest_answer:?}"
+    );
+    let trickle_rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM entitlements WHERE customer LIKE 'cus\\_trickle\\_%'",
+    )
+    .fetch_one(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(trickle_rows as u64, trickled.load(Ordering::SeqCst));
+    let view = pipeline.entitlements("cus_big_7", None).await;
+    assert_eq!(view["features"], json!(["team"]), "{view}");
 }
