@@ -6,6 +6,8 @@
 //!
 //!   cargo build --release -p projector
 //!   cargo run --release -p projector --example rebuild_bench -- [events=200000] [customers=events/10]
+//!
+//! `REBUILD_PERF=/tmp/rebuild.perf` records the rebuild with `perf record -g`.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -108,8 +110,17 @@ async fn main() {
         .expect("seed offsets");
     }
 
+    // REBUILD_PERF=<file>: record the rebuild with `perf record -g` (Debian's linux-perf).
+    let mut command = match std::env::var("REBUILD_PERF") {
+        Ok(file) => {
+            let mut perf = Command::new("perf");
+            perf.args(["record", "-F", "499", "-g", "-o", &file, "--", &projector]);
+            perf
+        }
+        Err(_) => Command::new(&projector),
+    };
     let started = Instant::now();
-    let output = Command::new(&projector)
+    let output = command
         .args(["rebuild", "--json"])
         .envs(env.iter().cloned())
         .output()

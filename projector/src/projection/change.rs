@@ -11,8 +11,8 @@ use super::entitlements::EntitlementView;
 /// Whether two stored entitlement objects are the same entitlement state. `updated_at` alone
 /// changing (an invoice, a profile update) is not a change downstream needs to hear about.
 ///
-/// The rebuild's set-based diff (`rebuild::diff::CHANGED`) states the same rule in SQL as
-/// `(a - 'updated_at') IS DISTINCT FROM (b - 'updated_at')`; a test holds the two together.
+/// The rebuild's set-based diff (`rebuild::diff`) states the same rule in SQL, as
+/// `(a - 'updated_at') IS DISTINCT FROM (b - 'updated_at')`.
 pub fn same_entitlements(a: &serde_json::Value, b: &serde_json::Value) -> bool {
     match (a.as_object(), b.as_object()) {
         (Some(a), Some(b)) => {

@@ -3,7 +3,8 @@
 //!
 //! The rule is the change model's (`projection::change::same_entitlements`): two objects are
 //! the same entitlement state when they are equal but for `updated_at`. In SQL that is
-//! `(a - 'updated_at') = (b - 'updated_at')` on jsonb; a test holds the two together.
+//! `(a - 'updated_at') = (b - 'updated_at')` on jsonb ([`DIFFERENT`]); the rebuild tests hold the two
+//! together (a rebuild of what live applied reports no difference).
 //!
 //! Versions: a rebuilt customer gets live's version and live's stored object when nothing but
 //! `updated_at` differs (readers see no change at all), live's version + 1 when it changed (and
@@ -38,10 +39,29 @@ pub(super) async fn carry_over(fresh: &PgPool, schema: &str) -> Result<(), Rebui
         .execute(&mut *tx)
         .await?;
     reconcile(&mut tx, schema, &format!("{schema}.carried"), false).await?;
+    // The differences as of the copy; under the lock only the dirty customers' are redone.
+    sqlx::query(&format!(
+        "CREATE UNLOGGED TABLE changed AS
+         SELECT n.account, n.customer FROM entitlements n
+         LEFT JOIN carried o ON o.account = n.account AND o.customer = n.customer
+         WHERE o.customer IS NULL OR {DIFFERENT}"
+    ))
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("ALTER TABLE changed ADD PRIMARY KEY (account, customer)")
+        .execute(&mut *tx)
+        .await?;
     tx.commit().await?;
-    sqlx::query("ANALYZE carried").execute(fresh).await?;
+    for table in ["carried", "changed", "entitlements"] {
+        sqlx::query(&format!("ANALYZE {table}"))
+            .execute(fresh)
+            .await?;
+    }
     Ok(())
 }
+
+/// The change model's rule in SQL, for a rebuilt row `n` and a live row `o`.
+const DIFFERENT: &str = "(n.view - 'updated_at') IS DISTINCT FROM (o.view - 'updated_at')";
 
 /// Under the lock: the customers whose live row moved since [`carry_over`] copied it (live
 /// batches, a redrive) and those the last stretch touched are reconciled against live itself.
@@ -54,7 +74,7 @@ pub(super) async fn reconcile_dirty(
         "INSERT INTO {schema}.dirty (account, customer)
          SELECT o.account, o.customer FROM public.entitlements o
          LEFT JOIN {schema}.carried c ON c.account = o.account AND c.customer = o.customer
-         WHERE (o.version, o.view) IS DISTINCT FROM (c.version, c.view)
+         WHERE (o.version, o.updated_at) IS DISTINCT FROM (c.version, c.updated_at)
          ON CONFLICT DO NOTHING"
     ))
     .execute(&mut **tx)
@@ -77,7 +97,26 @@ pub(super) async fn reconcile_dirty(
     )
     .execute(&mut **tx)
     .await?;
-    reconcile(tx, schema, "public.entitlements", true).await
+    sqlx::query(&format!("ANALYZE {schema}.dirty"))
+        .execute(&mut **tx)
+        .await?;
+    reconcile(tx, schema, "public.entitlements", true).await?;
+    sqlx::query(&format!(
+        "DELETE FROM {schema}.changed c USING {schema}.dirty d
+         WHERE c.account = d.account AND c.customer = d.customer"
+    ))
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query(&format!(
+        "INSERT INTO {schema}.changed (account, customer)
+         SELECT n.account, n.customer FROM {schema}.dirty d
+         JOIN {schema}.entitlements n ON n.account = d.account AND n.customer = d.customer
+         LEFT JOIN public.entitlements o ON o.account = n.account AND o.customer = n.customer
+         WHERE o.customer IS NULL OR {DIFFERENT}"
+    ))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Sets the rebuilt customers' versions (and unchanged customers' objects) from `source`, a
@@ -89,10 +128,12 @@ async fn reconcile(
     source: &str,
     only_dirty: bool,
 ) -> Result<(), RebuildError> {
+    // Restricted to `dirty` (small under the lock) by joining it first, so that the lookups go
+    // through the primary keys instead of scanning every customer.
     let dirty = |alias: &str| {
         if only_dirty {
             format!(
-                "AND EXISTS (SELECT 1 FROM {schema}.dirty d WHERE d.account = {alias}.account AND d.customer = {alias}.customer)"
+                "AND ({alias}.account, {alias}.customer) IN (SELECT d.account, d.customer FROM {schema}.dirty d)"
             )
         } else {
             String::new()
@@ -173,8 +214,8 @@ pub(super) struct Changes {
     pub reported: Vec<Difference>,
 }
 
-/// The customers whose rebuilt object differs from live's: one change message each into the
-/// outbox (unless `dry_run`), a chunk at a time from a cursor, so memory stays bounded however
+/// The customers whose rebuilt object differs from live's (`changed`, kept by [`carry_over`]
+/// and [`reconcile_dirty`]): one change message each into the outbox (unless `dry_run`), a chunk at a time from a cursor, so memory stays bounded however
 /// many changed.
 pub(super) async fn stream_changes(
     tx: &mut Transaction<'_, Postgres>,
@@ -187,9 +228,9 @@ pub(super) async fn stream_changes(
         "DECLARE changes NO SCROLL CURSOR FOR
          SELECT n.account, n.customer, n.version, n.view::text AS view, n.features,
                 o.features AS features_before, o.version AS version_before
-         FROM {schema}.entitlements n
+         FROM {schema}.changed c
+         JOIN {schema}.entitlements n ON n.account = c.account AND n.customer = c.customer
          LEFT JOIN public.entitlements o ON o.account = n.account AND o.customer = n.customer
-         WHERE o.customer IS NULL OR (n.view - 'updated_at') IS DISTINCT FROM (o.view - 'updated_at')
          ORDER BY n.account, n.customer"
     ))
     .execute(&mut **tx)

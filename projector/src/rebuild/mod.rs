@@ -5,7 +5,7 @@
 //!    decoded and coalesced per chunk, COPYed into unlogged staging tables, folded by rank
 //!    once per table and the entitlements derived per customer at the end. No lock.
 //! 2. [`replay`], catch-up: what live applied meanwhile, in ordinary rebuild batches, round
-//!    after round until the remaining lag is under [`LOCK_LAG`]. No lock.
+//!    after round until what remains takes under [`LOCK_BUDGET`] to apply. No lock.
 //! 3. [`diff`], reconcile: versions carried over from a copy of live's entitlements, so that
 //!    only what changes during the last stretch is reconciled under the lock.
 //! 4. Under the rebuild lock (live pauses between batches): the last stretch up to exactly
@@ -42,9 +42,12 @@ const REBUILD_RUNNING: i64 = 0x5354_5249_5045_0002;
 /// Every schema a rebuild creates starts with this.
 const SCHEMA_PREFIX: &str = "rebuild_";
 
-/// Records still to apply at which the rebuild takes the lock: what live batches apply in a
-/// fraction of a second, so that live pauses well under the 2 s target (issue 10).
-const LOCK_LAG: i64 = 1_000;
+/// The rebuild takes the lock once it expects to apply what remains within this (at the rate
+/// its last catch-up round reached), so that live pauses well under the 2 s target (issue 10).
+const LOCK_BUDGET: Duration = Duration::from_millis(250);
+
+/// Records still to apply at which the rebuild takes the lock whatever its rate.
+const LOCK_LAG: i64 = 50;
 
 /// Catch-up rounds before the rebuild takes the lock whatever the lag: live keeps appending, and
 /// a log that grows faster than a rebuild applies must still end.
@@ -108,6 +111,14 @@ pub struct Phases {
     pub reconcile_secs: f64,
     /// The last stretch, the diff, the outbox and the swap, under the lock.
     pub locked_secs: f64,
+    /// Of which: applying the last stretch.
+    pub locked_apply_secs: f64,
+    /// Of which: reconciling the customers that moved since the carry-over.
+    pub locked_reconcile_secs: f64,
+    /// Of which: streaming the differences into the outbox.
+    pub locked_outbox_secs: f64,
+    /// Of which: renaming the tables and committing.
+    pub locked_swap_secs: f64,
 }
 
 /// What `projector rebuild` did; `--json` prints it as is.
@@ -241,14 +252,23 @@ async fn rebuild_into(
     };
     let catch_up_started = Instant::now();
     let mut rounds = 0;
+    // Records per second of the last round; none before the first.
+    let mut rate: Option<f64> = None;
     loop {
         let targets = live_offsets(live, &config.events_topic, &reader).await?;
-        if reader.lag(&targets) <= LOCK_LAG || rounds == MAX_CATCH_UP_ROUNDS {
+        let lag = reader.lag(&targets);
+        let expected = rate.map(|rate| Duration::from_secs_f64(lag as f64 / rate.max(1.0)));
+        if lag <= LOCK_LAG
+            || expected.is_some_and(|expected| expected <= LOCK_BUDGET)
+            || rounds == MAX_CATCH_UP_ROUNDS
+        {
             break;
         }
         rounds += 1;
+        let round_started = Instant::now();
         let applied =
             replay::catch_up(&fresh, &ctx, &mut reader, &targets, &mut progress, None).await?;
+        rate = Some(applied.records as f64 / round_started.elapsed().as_secs_f64().max(1e-3));
         events += applied.records;
         dead_letters += applied.dead_letters;
     }
@@ -286,6 +306,10 @@ async fn rebuild_into(
     phases.locked_secs = lock_held.as_secs_f64();
     let locked = outcome?;
     unlocked?;
+    phases.locked_apply_secs = locked.timings[0];
+    phases.locked_reconcile_secs = locked.timings[1];
+    phases.locked_outbox_secs = locked.timings[2];
+    phases.locked_swap_secs = locked.timings[3];
     progress.finish();
     tracing::info!(
         lock_held_ms = lock_held.as_secs_f64() * 1e3,
@@ -313,6 +337,8 @@ async fn rebuild_into(
 }
 
 struct LockedOutcome {
+    /// Seconds of: the last stretch, the reconcile, the outbox, the swap.
+    timings: [f64; 4],
     records: u64,
     dead_letters: u64,
     changed: u64,
@@ -333,14 +359,22 @@ async fn finish_locked(
     retired_schema: &str,
     options: RebuildOptions,
 ) -> Result<LockedOutcome, RebuildError> {
+    let mut step = Instant::now();
+    let mut lap = || {
+        let seconds = step.elapsed().as_secs_f64();
+        step = Instant::now();
+        seconds
+    };
     // Live is paused between batches, so its offsets stand still: meet them exactly.
     let targets = live_offsets(live, &config.events_topic, reader).await?;
     let mut touched: Vec<CustomerKey> = Vec::new();
     let applied =
         replay::catch_up(fresh, ctx, reader, &targets, progress, Some(&mut touched)).await?;
 
+    let apply = lap();
     let mut tx = control.begin().await?;
     diff::reconcile_dirty(&mut tx, fresh_schema, &touched).await?;
+    let reconcile = lap();
     let diffs = diff::stream_changes(
         &mut tx,
         fresh_schema,
@@ -349,6 +383,7 @@ async fn finish_locked(
         MAX_REPORTED,
     )
     .await?;
+    let outbox = lap();
     if options.dry_run {
         tx.rollback().await?;
     } else {
@@ -359,6 +394,7 @@ async fn finish_locked(
         tx.commit().await?;
     }
     Ok(LockedOutcome {
+        timings: [apply, reconcile, outbox, lap()],
         records: applied.records,
         dead_letters: applied.dead_letters,
         changed: diffs.changed,
