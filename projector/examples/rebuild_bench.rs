@@ -114,7 +114,17 @@ async fn main() {
     let mut command = match std::env::var("REBUILD_PERF") {
         Ok(file) => {
             let mut perf = Command::new("perf");
-            perf.args(["record", "-F", "499", "-g", "-o", &file, "--", &projector]);
+            perf.args([
+                "record",
+                "-F",
+                "499",
+                "--call-graph",
+                "dwarf,16384",
+                "-o",
+                &file,
+                "--",
+                &projector,
+            ]);
             perf
         }
         Err(_) => Command::new(&projector),

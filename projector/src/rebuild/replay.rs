@@ -1,7 +1,8 @@
 //! Replaying the log into the fresh schema: the bulk load (set-based, no per-event round trip)
 //! and the catch-up (ordinary rebuild batches).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,7 @@ use shared::EventEnvelope;
 
 use crate::config::Config;
 use crate::projection::{
-    compute, project, CoalescedBatch, CustomerKey, EntitlementPolicy, ProjectedEvent, Snapshot,
+    compute, newer, project, CustomerKey, EntitlementPolicy, ObjectKey, ProjectedEvent, Snapshot,
 };
 use crate::store::{self, apply_batch, BatchContext, InputRecord};
 
@@ -25,7 +26,7 @@ use super::{Phases, RebuildError, STALL};
 /// Records decoded, coalesced and staged at a time. Bounds the replay's memory whatever the size
 /// of the log: about this many payloads plus their COPY text, twice (one chunk is staged while
 /// the next is decoded).
-const CHUNK: usize = 10_000;
+const CHUNK: usize = 5_000;
 
 /// Records per catch-up transaction: larger than live batches, nobody waits on them.
 const CATCH_UP_BATCH: usize = 5_000;
@@ -57,7 +58,7 @@ impl LogReader {
             .set("enable.auto.offset.store", "false")
             .set("fetch.max.bytes", "16777216")
             // The prefetch queue is the replay's largest buffer: bounded, whatever the log.
-            .set("queued.max.messages.kbytes", "32768")
+            .set("queued.max.messages.kbytes", "16384")
             .create()?;
         let topic = config.events_topic.clone();
         let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
@@ -162,6 +163,12 @@ impl LogReader {
             let expected = self.fetched.entry(partition).or_insert(0);
             if offset < *expected {
                 continue;
+            }
+            // The log is kept forever and written without transactions: its offsets are dense,
+            // and a hole means records were lost on the way (a resume that skipped), never
+            // something to step over.
+            if offset > *expected {
+                return Err(RebuildError::OutOfOrder(vec![(partition, *expected)]));
             }
             *expected = offset + 1;
             let record = InputRecord {
@@ -301,11 +308,11 @@ struct StagedChunk {
 impl StagedChunk {
     fn encode(records: &[InputRecord]) -> StagedChunk {
         let mut unusable = 0;
-        let mut batch = CoalescedBatch::default();
+        let mut chunk = ChunkObjects::default();
         for record in records {
             match record.payload.as_deref().map(EventEnvelope::parse) {
                 Some(Ok(envelope)) => match project(&envelope) {
-                    Ok(event) => batch.push(event),
+                    Ok(event) => chunk.push(event),
                     Err(_) => unusable += 1,
                 },
                 _ => unusable += 1,
@@ -316,19 +323,13 @@ impl StagedChunk {
         let mut invoices = CopyText::default();
         let mut sessions = CopyText::default();
         let mut summaries = CopyText::default();
-        for event in batch.objects.values() {
+        for (key, event) in &chunk.objects {
             let Some(snapshot) = &event.snapshot else {
                 continue;
             };
             match snapshot {
                 Snapshot::Customer(s) => {
-                    let deleted = batch
-                        .customers
-                        .get(&CustomerKey {
-                            account: event.account.clone(),
-                            customer: s.id.clone(),
-                        })
-                        .is_some_and(|touch| touch.deleted);
+                    let deleted = chunk.deleted.contains(&(key.account.clone(), s.id.clone()));
                     customers
                         .text(&event.account)
                         .text(&s.id)
@@ -420,6 +421,46 @@ impl StagedChunk {
     }
 }
 
+/// A chunk coalesced per object to its max-rank snapshot, under the projection's rule
+/// ([`newer`]), as [`crate::projection::coalesce`] does for live batches. Hashed rather than
+/// ordered: the staging order does not matter, and the ordered map's key comparisons were the
+/// largest cost of the replay in the profile.
+#[derive(Default)]
+struct ChunkObjects {
+    objects: HashMap<ObjectKey, ProjectedEvent>,
+    /// (account, customer) of every deleted customer snapshot: a deletion sticks (`deleted` is
+    /// an OR over every snapshot of the customer, whichever outranks it).
+    deleted: HashSet<(String, String)>,
+}
+
+impl ChunkObjects {
+    fn push(&mut self, event: ProjectedEvent) {
+        let Some(snapshot) = &event.snapshot else {
+            return;
+        };
+        if let Snapshot::Customer(c) = snapshot {
+            if c.deleted {
+                self.deleted.insert((event.account.clone(), c.id.clone()));
+            }
+        }
+        let key = ObjectKey {
+            account: event.account.clone(),
+            kind: snapshot.kind(),
+            id: snapshot.object_id().to_owned(),
+        };
+        match self.objects.entry(key) {
+            Entry::Occupied(mut held) => {
+                if newer(Some(&held.get().rank), &event.rank) {
+                    held.insert(event);
+                }
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(event);
+            }
+        }
+    }
+}
+
 /// Rows in PostgreSQL's COPY text format: tab-separated, `\N` for NULL, backslash escapes.
 #[derive(Default)]
 struct CopyText {
@@ -439,15 +480,23 @@ impl CopyText {
 
     fn text(&mut self, value: &str) -> &mut Self {
         self.separator();
-        for c in value.chars() {
-            match c {
-                '\\' => self.text.push_str("\\\\"),
-                '\n' => self.text.push_str("\\n"),
-                '\r' => self.text.push_str("\\r"),
-                '\t' => self.text.push_str("\\t"),
-                c => self.text.push(c),
-            }
+        // Runs without a reserved byte are copied whole; the four reserved ones are ASCII, so
+        // splitting at them keeps UTF-8 intact.
+        let mut rest = value;
+        while let Some(at) = rest
+            .bytes()
+            .position(|b| matches!(b, b'\\' | b'\n' | b'\r' | b'\t'))
+        {
+            self.text.push_str(&rest[..at]);
+            self.text.push_str(match rest.as_bytes()[at] {
+                b'\\' => "\\\\",
+                b'\n' => "\\n",
+                b'\r' => "\\r",
+                _ => "\\t",
+            });
+            rest = &rest[at + 1..];
         }
+        self.text.push_str(rest);
         self
     }
 
