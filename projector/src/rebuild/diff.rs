@@ -11,12 +11,13 @@
 //! one message), 1 when live did not know it. A customer live knew and the replay does not is
 //! kept with an emptied object ([`change::vanished`]) and announced as a change.
 
+use std::collections::HashSet;
+
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use shared::Cause;
 
 use crate::projection::{change, change_message, CustomerKey, FeatureDiff};
-use crate::store::OutboxRows;
 
 use super::{Difference, RebuildError};
 
@@ -208,37 +209,44 @@ async fn reconcile(
     Ok(())
 }
 
-/// What [`stream_changes`] found.
-pub(super) struct Changes {
-    pub changed: u64,
-    pub reported: Vec<Difference>,
+/// Which changed customers [`write_messages`] writes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// Every changed customer, against the copy of live's entitlements (before the lock).
+    All,
+    /// The dirty ones, against live itself (under the lock).
+    Dirty,
 }
 
-/// The customers whose rebuilt object differs from live's (`changed`, kept by [`carry_over`]
-/// and [`reconcile_dirty`]): one change message each into the outbox (unless `dry_run`), a chunk at a time from a cursor, so memory stays bounded however
-/// many changed.
-pub(super) async fn stream_changes(
+/// Builds the change message of every changed customer in `scope` into `pending_outbox`, a
+/// chunk at a time from a cursor, so memory stays bounded however many changed. Returns the
+/// first `max_reported` differences.
+async fn write_messages(
     tx: &mut Transaction<'_, Postgres>,
     schema: &str,
     entitlements_topic: &str,
-    dry_run: bool,
+    scope: Scope,
     max_reported: usize,
-) -> Result<Changes, RebuildError> {
+) -> Result<Vec<Difference>, RebuildError> {
+    let (source, dirty) = match scope {
+        Scope::All => (format!("{schema}.carried"), String::new()),
+        Scope::Dirty => (
+            "public.entitlements".to_owned(),
+            format!("JOIN {schema}.dirty d ON d.account = c.account AND d.customer = c.customer"),
+        ),
+    };
     sqlx::query(&format!(
         "DECLARE changes NO SCROLL CURSOR FOR
          SELECT n.account, n.customer, n.version, n.view::text AS view, n.features,
                 o.features AS features_before, o.version AS version_before
-         FROM {schema}.changed c
+         FROM {schema}.changed c {dirty}
          JOIN {schema}.entitlements n ON n.account = c.account AND n.customer = c.customer
-         LEFT JOIN public.entitlements o ON o.account = n.account AND o.customer = n.customer
+         LEFT JOIN {source} o ON o.account = n.account AND o.customer = n.customer
          ORDER BY n.account, n.customer"
     ))
     .execute(&mut **tx)
     .await?;
-    let mut changes = Changes {
-        changed: 0,
-        reported: Vec::new(),
-    };
+    let mut reported = Vec::new();
     loop {
         let rows = sqlx::query(&format!("FETCH {DIFF_CHUNK} FROM changes"))
             .fetch_all(&mut **tx)
@@ -246,17 +254,19 @@ pub(super) async fn stream_changes(
         if rows.is_empty() {
             break;
         }
-        let keys = rows
-            .iter()
-            .map(|row| {
-                Ok(CustomerKey {
-                    account: row.try_get("account")?,
-                    customer: row.try_get("customer")?,
+        if scope == Scope::Dirty {
+            let keys = rows
+                .iter()
+                .map(|row| {
+                    Ok(CustomerKey {
+                        account: row.try_get("account")?,
+                        customer: row.try_get("customer")?,
+                    })
                 })
-            })
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
-        lock_customers(tx, &keys).await?;
-        let mut outbox = OutboxRows::default();
+                .collect::<Result<Vec<_>, sqlx::Error>>()?;
+            lock_customers(tx, &keys).await?;
+        }
+        let mut pending = PendingMessages::default();
         for row in &rows {
             let account: String = row.try_get("account")?;
             let customer: String = row.try_get("customer")?;
@@ -270,26 +280,18 @@ pub(super) async fn stream_changes(
                 )));
             }
             let before = features_before.as_deref().unwrap_or_default();
-            if !dry_run {
-                let object: serde_json::Value = serde_json::from_str(row.try_get("view")?)?;
-                let message = change_message(object, version, before, &features, Cause::rebuild());
-                let key = shared::envelope::scoped_key(
-                    (!account.is_empty()).then_some(account.as_str()),
-                    &customer,
-                );
-                outbox.push(
-                    entitlements_topic,
-                    Some(key),
-                    serde_json::to_vec(&message)?,
-                    serde_json::json!({}),
-                );
-            }
-            changes.changed += 1;
-            if changes.reported.len() < max_reported {
+            let object: serde_json::Value = serde_json::from_str(row.try_get("view")?)?;
+            let message = change_message(object, version, before, &features, Cause::rebuild());
+            pending.key.push(shared::envelope::scoped_key(
+                (!account.is_empty()).then_some(account.as_str()),
+                &customer,
+            ));
+            pending.payload.push(serde_json::to_vec(&message)?);
+            if reported.len() < max_reported {
                 let diff = FeatureDiff::between(before, &features);
-                changes.reported.push(Difference {
-                    account: (!account.is_empty()).then_some(account),
-                    customer,
+                reported.push(Difference {
+                    account: (!account.is_empty()).then(|| account.clone()),
+                    customer: customer.clone(),
                     features_before,
                     features_after: features,
                     added: diff.added,
@@ -297,11 +299,112 @@ pub(super) async fn stream_changes(
                     version,
                 });
             }
+            pending.account.push(account);
+            pending.customer.push(customer);
         }
-        outbox.insert(tx).await?;
+        sqlx::query(&format!(
+            "INSERT INTO {schema}.pending_outbox (account, customer, topic, key, payload)
+             SELECT account, customer, $5, key, payload
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bytea[]) AS u(account, customer, key, payload)"
+        ))
+        .bind(&pending.account)
+        .bind(&pending.customer)
+        .bind(&pending.key)
+        .bind(&pending.payload)
+        .bind(entitlements_topic)
+        .execute(&mut **tx)
+        .await?;
     }
     sqlx::query("CLOSE changes").execute(&mut **tx).await?;
-    Ok(changes)
+    Ok(reported)
+}
+
+#[derive(Default)]
+struct PendingMessages {
+    account: Vec<String>,
+    customer: Vec<String>,
+    key: Vec<String>,
+    payload: Vec<Vec<u8>>,
+}
+
+/// Before the lock: every changed customer's message, built into `pending_outbox`.
+pub(super) async fn prepare_messages(
+    fresh: &PgPool,
+    schema: &str,
+    entitlements_topic: &str,
+    max_reported: usize,
+) -> Result<Vec<Difference>, RebuildError> {
+    let mut tx = fresh.begin().await?;
+    sqlx::query(
+        "CREATE UNLOGGED TABLE pending_outbox (account text NOT NULL, customer text NOT NULL,
+             topic text NOT NULL, key text NOT NULL, payload bytea NOT NULL,
+             PRIMARY KEY (account, customer))",
+    )
+    .execute(&mut *tx)
+    .await?;
+    let reported = write_messages(
+        &mut tx,
+        schema,
+        entitlements_topic,
+        Scope::All,
+        max_reported,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(reported)
+}
+
+/// What [`publish_changes`] found.
+pub(super) struct Changes {
+    pub changed: u64,
+    pub reported: Vec<Difference>,
+}
+
+/// Under the lock, after [`reconcile_dirty`]: the dirty customers' messages rebuilt against
+/// live, then every pending message moved into the outbox in one statement (unless
+/// `dry_run`), in customer order.
+pub(super) async fn publish_changes(
+    tx: &mut Transaction<'_, Postgres>,
+    schema: &str,
+    entitlements_topic: &str,
+    dry_run: bool,
+    prepared: Vec<Difference>,
+    max_reported: usize,
+) -> Result<Changes, RebuildError> {
+    sqlx::query(&format!(
+        "DELETE FROM {schema}.pending_outbox p USING {schema}.dirty d
+         WHERE p.account = d.account AND p.customer = d.customer"
+    ))
+    .execute(&mut **tx)
+    .await?;
+    let dirty: Vec<(String, String)> =
+        sqlx::query_as(&format!("SELECT account, customer FROM {schema}.dirty"))
+            .fetch_all(&mut **tx)
+            .await?;
+    let dirty: HashSet<(String, String)> = dirty.into_iter().collect();
+    let redone = write_messages(tx, schema, entitlements_topic, Scope::Dirty, max_reported).await?;
+    let mut reported: Vec<Difference> = prepared
+        .into_iter()
+        .filter(|d| !dirty.contains(&(d.account.clone().unwrap_or_default(), d.customer.clone())))
+        .chain(redone)
+        .collect();
+    reported.sort_by(|a, b| (&a.account, &a.customer).cmp(&(&b.account, &b.customer)));
+    reported.truncate(max_reported);
+    let changed: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {schema}.pending_outbox"))
+        .fetch_one(&mut **tx)
+        .await?;
+    if !dry_run {
+        sqlx::query(&format!(
+            "INSERT INTO public.outbox (topic, key, payload)
+             SELECT topic, key, payload FROM {schema}.pending_outbox ORDER BY account, customer"
+        ))
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(Changes {
+        changed: changed as u64,
+        reported,
+    })
 }
 
 /// CALL SITE FOR C2's per-customer locks (SPEC §12: every transaction that recomputes a

@@ -6,11 +6,13 @@
 //!    once per table and the entitlements derived per customer at the end. No lock.
 //! 2. [`replay`], catch-up: what live applied meanwhile, in ordinary rebuild batches, round
 //!    after round until what remains takes under [`LOCK_BUDGET`] to apply. No lock.
-//! 3. [`diff`], reconcile: versions carried over from a copy of live's entitlements, so that
-//!    only what changes during the last stretch is reconciled under the lock.
+//! 3. [`diff`], reconcile: versions carried over from a copy of live's entitlements and every
+//!    changed customer's message built, so that under the lock only what moved during the last
+//!    stretch is redone.
 //! 4. Under the rebuild lock (live pauses between batches): the last stretch up to exactly
-//!    live's offsets, the customers it touched reconciled, the net differences streamed into
-//!    the outbox at `old.version + 1`, and [`swap`] renames the tables in constant time.
+//!    live's offsets, the customers it touched reconciled, the net differences moved into the
+//!    outbox at `old.version + 1` in one statement, and [`swap`] renames the tables in constant
+//!    time.
 //! 5. The retired tables and the scaffolding are dropped after the lock is released.
 //!
 //! Dead letters, their redrive state, `processed_events`, the outbox and the consumer offsets
@@ -277,6 +279,13 @@ async fn rebuild_into(
     // 3. Carry versions over from a copy of live's entitlements, without the lock.
     let reconcile_started = Instant::now();
     diff::carry_over(&fresh, fresh_schema).await?;
+    let prepared = diff::prepare_messages(
+        &fresh,
+        fresh_schema,
+        &config.entitlements_topic,
+        MAX_REPORTED,
+    )
+    .await?;
     phases.reconcile_secs = reconcile_started.elapsed().as_secs_f64();
 
     // 4. Pause live between batches and finish under the lock.
@@ -296,6 +305,7 @@ async fn rebuild_into(
         fresh_schema,
         retired_schema,
         options,
+        prepared,
     )
     .await;
     let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
@@ -358,6 +368,7 @@ async fn finish_locked(
     fresh_schema: &str,
     retired_schema: &str,
     options: RebuildOptions,
+    prepared: Vec<Difference>,
 ) -> Result<LockedOutcome, RebuildError> {
     let mut step = Instant::now();
     let mut lap = || {
@@ -375,11 +386,12 @@ async fn finish_locked(
     let mut tx = control.begin().await?;
     diff::reconcile_dirty(&mut tx, fresh_schema, &touched).await?;
     let reconcile = lap();
-    let diffs = diff::stream_changes(
+    let diffs = diff::publish_changes(
         &mut tx,
         fresh_schema,
         &config.entitlements_topic,
         options.dry_run,
+        prepared,
         MAX_REPORTED,
     )
     .await?;
