@@ -1404,7 +1404,7 @@ fn large_event(c: usize, step: usize) -> String {
     let id = format!("evt_big_{c}_{step}");
     let created = T0 + (step as i64) * DAY;
     let statuses = ["trialing", "active", "past_due", "canceled", "active"];
-    let items: &[Item<'_>] = if c % 2 == 0 { &[PRO] } else { &[TEAM] };
+    let items: &[Item<'_>] = if c.is_multiple_of(2) { &[PRO] } else { &[TEAM] };
     let event = match step {
         0 => Event::new(
             &id,

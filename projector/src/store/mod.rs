@@ -13,8 +13,8 @@ use sqlx::PgPool;
 
 /// Moved to the change model; kept here until `history` imports it from there.
 pub use crate::projection::same_entitlements;
-pub use batch::{apply_batch, BatchContext, BatchMode, BatchOutcome, InputRecord, REBUILD_LOCK};
 pub(crate) use batch::subscription_items_json;
+pub use batch::{apply_batch, BatchContext, BatchMode, BatchOutcome, InputRecord, REBUILD_LOCK};
 pub use load::load_states;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
