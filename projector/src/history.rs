@@ -11,10 +11,10 @@ use shared::EventEnvelope;
 
 use crate::config::Config;
 use crate::projection::entitlements::rfc3339;
+use crate::projection::same_entitlements;
 use crate::projection::{
     compute, project, CustomerState, EntitlementPolicy, EntitlementView, ProjectedEvent,
 };
-use crate::store::same_entitlements;
 use crate::store::text::storable_json;
 
 /// One change of the customer's entitlement object.

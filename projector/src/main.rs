@@ -25,6 +25,9 @@ enum Command {
         /// Report the customers whose entitlements would change, with before/after; swap nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Print the summary as one JSON object (for scripts and tests) instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// A customer's entitlement timeline straight from the log.
     History {
@@ -96,32 +99,49 @@ async fn run(command: Command, config: Config) -> Result<ExitCode, String> {
             println!("migrations applied");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Rebuild { dry_run } => {
-            let report = projector::rebuild::rebuild(&config, dry_run)
+        Command::Rebuild { dry_run, json } => {
+            let options = projector::rebuild::RebuildOptions { dry_run };
+            let report = projector::rebuild::rebuild(&config, options)
                 .await
                 .map_err(|e| e.to_string())?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).map_err(|e| e.to_string())?
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             for d in &report.differences {
                 let who = match &d.account {
                     Some(account) => format!("{account}/{}", d.customer),
                     None => d.customer.clone(),
                 };
                 let before = d
-                    .before
+                    .features_before
                     .as_ref()
-                    .map(|v| v["features"].to_string())
+                    .map(|f| serde_json::Value::from(f.clone()).to_string())
                     .unwrap_or_else(|| "(absent)".into());
                 println!(
                     "{who}: features {before} -> {}  (+{:?} -{:?})",
-                    d.after["features"], d.added, d.removed
+                    serde_json::Value::from(d.features_after.clone()),
+                    d.added,
+                    d.removed
+                );
+            }
+            if report.differences_truncated {
+                println!(
+                    "… and {} more",
+                    report.changed - report.differences.len() as u64
                 );
             }
             println!(
-                "{}: {} events in {:.1}s ({:.0} events/s), {} customers {}",
+                "{}: {} events in {:.1}s ({:.0} events/s), live paused {:.0} ms, {} customers {}",
                 if report.swapped { "rebuilt" } else { "dry run" },
                 report.events,
                 report.seconds,
-                report.rate(),
-                report.differences.len(),
+                report.events_per_sec,
+                report.lock_held_ms,
+                report.changed,
                 if report.swapped {
                     "changed (messages published)"
                 } else {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{self, StreamExt};
+use rdkafka::Message;
 use serde_json::{json, Value};
 
 use common::events::*;
@@ -362,7 +363,12 @@ fn projector(pipeline: &Pipeline, args: &[&str]) -> Command {
 }
 
 /// Runs `command` to completion; SIGKILLs it and fails the test after `COMMAND_DEADLINE`.
-fn output_within_deadline(mut command: Command) -> Output {
+fn output_within_deadline(command: Command) -> Output {
+    output_within_deadline_of(command, COMMAND_DEADLINE)
+}
+
+/// Runs `command` to completion; SIGKILLs it and fails the test after `deadline`.
+fn output_within_deadline_of(mut command: Command, deadline: Duration) -> Output {
     let child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -373,7 +379,7 @@ fn output_within_deadline(mut command: Command) -> Output {
     std::thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
     });
-    match rx.recv_timeout(COMMAND_DEADLINE) {
+    match rx.recv_timeout(deadline) {
         Ok(output) => output.expect("wait for projector"),
         Err(_) => {
             let _ = Command::new("kill")
@@ -385,7 +391,7 @@ fn output_within_deadline(mut command: Command) -> Output {
                 .and_then(Result::ok)
                 .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
                 .unwrap_or_default();
-            panic!("{command:?} did not finish within {COMMAND_DEADLINE:?}; stderr:\n{stderr}");
+            panic!("{command:?} did not finish within {deadline:?}; stderr:\n{stderr}");
         }
     }
 }
@@ -402,27 +408,41 @@ fn succeeded(what: &str, output: &Output) -> String {
     stdout
 }
 
-/// Runs `projector rebuild [args]` to completion; prints its summary (the rebuild rate) and
-/// returns (the per-customer difference lines, the summary line).
-fn rebuild(pipeline: &Pipeline, args: &[&str]) -> (Vec<String>, String) {
-    let mut command = vec!["rebuild"];
+/// Runs `projector rebuild --json [args]` to completion; prints its summary (the rebuild rate,
+/// how long live was paused) and returns the `--json` report.
+fn rebuild(pipeline: &Pipeline, args: &[&str]) -> Value {
+    let mut command = vec!["rebuild", "--json"];
     command.extend(args);
     let started = Instant::now();
     let output = output_within_deadline(projector(pipeline, &command));
     let stdout = succeeded(&command.join(" "), &output);
-    split_rebuild_output(&command.join(" "), &stdout, started.elapsed())
+    rebuild_report(&command.join(" "), &stdout, started.elapsed())
 }
 
-fn split_rebuild_output(what: &str, stdout: &str, took: Duration) -> (Vec<String>, String) {
-    let mut lines: Vec<String> = stdout.lines().map(str::to_owned).collect();
-    let summary = lines
-        .pop()
-        .unwrap_or_else(|| panic!("projector {what} printed nothing"));
+/// The `--json` report `projector rebuild` printed, after printing its figures.
+fn rebuild_report(what: &str, stdout: &str, took: Duration) -> Value {
+    let report: Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("projector {what} printed no JSON report ({e}): {stdout}"));
     println!(
-        "projector {what}: {summary}  [process wall time {:.2}s]",
+        "projector {what}: {} events, {:.0} events/s, live paused {:.1} ms, {} customers changed \
+         [process wall time {:.2}s]",
+        report["events"],
+        report["events_per_sec"].as_f64().unwrap_or_default(),
+        report["lock_held_ms"].as_f64().unwrap_or_default(),
+        report["changed"],
         took.as_secs_f64()
     );
-    (lines, summary)
+    report
+}
+
+/// The customers a report lists as changed, as message keys (`account/customer` or `customer`).
+fn changed_keys(report: &Value) -> Vec<String> {
+    report["differences"]
+        .as_array()
+        .expect("differences")
+        .iter()
+        .map(|d| message_key(d["account"].as_str(), d["customer"].as_str().unwrap()))
+        .collect()
 }
 
 /// The entitlement rows by message key (`account/customer` or `customer`).
@@ -517,19 +537,17 @@ async fn rebuild_while_live_reproduces_every_projection_and_publishes_nothing() 
     }
 
     // Act: rebuild from offset 0 while `projector run` keeps serving.
-    let (differences, summary) = rebuild(&pipeline, &[]);
+    let report = rebuild(&pipeline, &[]);
     pipeline.settle().await;
 
     // Assert: identical tables (entitlements to the last column: version and updated_at
     // included), the same API answers, and nothing published.
-    assert!(
-        differences.is_empty(),
-        "rebuild reported differences: {differences:?}"
+    assert_eq!(report["swapped"], true, "{report}");
+    assert_eq!(
+        report["changed"], 0,
+        "rebuild reported differences: {report}"
     );
-    assert!(
-        summary.starts_with("rebuilt:") && summary.contains(" 0 customers changed"),
-        "{summary}"
-    );
+    assert_eq!(report["differences"], json!([]), "{report}");
     let after = pipeline.projections().await;
     assert_same_projections("live (left) vs rebuilt (right)", &before, &after);
     assert_eq!(
@@ -707,7 +725,7 @@ async fn rebuild_under_load_reflects_every_event_exactly_once() {
         assert!(Instant::now() < deadline, "the load did not start");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let command = projector(&pipeline, &["rebuild"]);
+    let command = projector(&pipeline, &["rebuild", "--json"]);
     let rebuild_run = tokio::task::spawn_blocking({
         let (sent, rebuild_done) = (sent.clone(), rebuild_done.clone());
         move || {
@@ -723,7 +741,8 @@ async fn rebuild_under_load_reflects_every_event_exactly_once() {
     let (output, at_start, at_end, took) = rebuild_run.await.unwrap();
     let (load, load_customers) = sender.await.unwrap();
     let stdout = succeeded("rebuild", &output);
-    let (differences, _) = split_rebuild_output("rebuild (under load)", &stdout, took);
+    let report = rebuild_report("rebuild (under load)", &stdout, took);
+    let differences = changed_keys(&report);
     println!(
         "rebuild under load: {} load records, {} of them accepted by ingest while the rebuild ran",
         load.len(),
@@ -836,20 +855,20 @@ async fn rebuild_repairs_a_corrupted_row_with_one_message_and_dry_run_only_repor
     let messages_before = pipeline.changes();
 
     // Act 1: a dry run.
-    let (differences, summary) = rebuild(&pipeline, &["--dry-run"]);
+    let report = rebuild(&pipeline, &["--dry-run"]);
 
     // Assert 1: exactly that customer reported, nothing swapped, nothing published.
-    assert_eq!(differences.len(), 1, "{differences:?}");
-    assert!(
-        differences[0].starts_with("cus_trial: ")
-            && differences[0].contains(r#"features [] -> ["api","pro"]"#),
-        "{}",
-        differences[0]
+    assert_eq!(report["swapped"], false, "{report}");
+    assert_eq!(report["changed"], 1, "{report}");
+    assert_eq!(changed_keys(&report), vec!["cus_trial"], "{report}");
+    let difference = &report["differences"][0];
+    assert_eq!(difference["features_before"], json!([]), "{difference}");
+    assert_eq!(
+        difference["features_after"],
+        json!(["api", "pro"]),
+        "{difference}"
     );
-    assert!(
-        summary.starts_with("dry run:") && summary.contains(" 1 customers would change"),
-        "{summary}"
-    );
+    assert_eq!(difference["version"], version + 1, "{difference}");
     pipeline.settle().await;
     assert_eq!(
         entitlements_by_key(&pipeline.projections().await),
@@ -863,13 +882,13 @@ async fn rebuild_repairs_a_corrupted_row_with_one_message_and_dry_run_only_repor
     );
 
     // Act 2: the real rebuild.
-    let (differences, summary) = rebuild(&pipeline, &[]);
+    let report = rebuild(&pipeline, &[]);
     pipeline.settle().await;
 
     // Assert 2: the row is repaired with one message; nobody else changed.
-    assert_eq!(differences.len(), 1, "{differences:?}");
-    assert!(differences[0].starts_with("cus_trial: "), "{differences:?}");
-    assert!(summary.contains(" 1 customers changed"), "{summary}");
+    assert_eq!(report["swapped"], true, "{report}");
+    assert_eq!(report["changed"], 1, "{report}");
+    assert_eq!(changed_keys(&report), vec!["cus_trial"], "{report}");
     let new_messages = new_changes(&messages_before, &pipeline.changes());
     assert_eq!(new_messages.len(), 1, "{new_messages:?}");
     let (key, message) = &new_messages[0];
@@ -920,7 +939,7 @@ async fn rebuild_after_a_mapping_change_changes_exactly_the_affected_customers()
         );
     assert!(mapping.contains("export") && !mapping.contains("enterprise"));
     std::fs::write(&pipeline.entitlements_path, mapping).unwrap();
-    let (differences, summary) = rebuild(&pipeline, &[]);
+    let report = rebuild(&pipeline, &[]);
     pipeline.settle().await;
 
     // Assert: one message for each affected customer, none for anyone else.
@@ -928,8 +947,12 @@ async fn rebuild_after_a_mapping_change_changes_exactly_the_affected_customers()
     let lose_enterprise = format!("{CONNECT_ACCOUNT}/cus_connect");
     let mut affected: BTreeSet<String> = gain_export.iter().map(|c| c.to_string()).collect();
     affected.insert(lose_enterprise.clone());
-    assert_eq!(differences.len(), affected.len(), "{differences:?}");
-    assert!(summary.contains(" 5 customers changed"), "{summary}");
+    assert_eq!(
+        changed_keys(&report).into_iter().collect::<BTreeSet<_>>(),
+        affected,
+        "{report}"
+    );
+    assert_eq!(report["changed"], 5, "{report}");
     let changes = new_changes(&messages_before, &pipeline.changes());
     let new_messages: BTreeMap<String, &Value> =
         changes.iter().map(|(k, m)| (k.clone(), m)).collect();
@@ -1260,13 +1283,14 @@ async fn customer_unknown_to_the_replay_is_emptied_with_one_message_not_dropped(
     let messages_before = pipeline.changes();
 
     // Act
-    let (dry_run, _) = rebuild(&pipeline, &["--dry-run"]);
-    let (differences, _) = rebuild(&pipeline, &[]);
+    let dry_run = rebuild(&pipeline, &["--dry-run"])["differences"].clone();
+    let differences = rebuild(&pipeline, &[])["differences"].clone();
     pipeline.settle().await;
 
     // Assert: reported, kept with no features at the next version, announced once.
-    assert_eq!(dry_run.len(), 1, "{dry_run:?}");
-    assert!(dry_run[0].starts_with("cus_ghost: "), "{dry_run:?}");
+    assert_eq!(dry_run.as_array().map(Vec::len), Some(1), "{dry_run}");
+    assert_eq!(dry_run[0]["customer"], "cus_ghost", "{dry_run}");
+    assert_eq!(dry_run[0]["removed"], json!(["pro"]), "{dry_run}");
     assert_eq!(differences, dry_run);
     let view = pipeline.entitlements("cus_ghost", None).await;
     assert_eq!(view["features"], json!([]));
@@ -1277,4 +1301,473 @@ async fn customer_unknown_to_the_replay_is_emptied_with_one_message_not_dropped(
     assert_eq!(new_messages[0].0, "cus_ghost");
     assert_eq!(new_messages[0].1["removed"], json!(["pro"]));
     assert_eq!(new_messages[0].1["version"], 4);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dead letters stay as live has them
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn dead_letters_and_their_redrive_state_survive_a_rebuild_untouched() {
+    // Arrange: a malformed event live dead-letters (pending), and a dead letter of a valid
+    // event in the log, as an older projector version recorded it, redriven since.
+    let mut pipeline = Pipeline::start(Options::default()).await;
+    let valid = Event::new(
+        "evt_dl_2",
+        "customer.subscription.created",
+        T0 + 10,
+        subscription("sub_dl", "cus_dl", "active", &[PRO], T0 + MONTH, true),
+    )
+    .body();
+    let mut malformed = subscription("sub_dl", "cus_dl", "active", &[PRO], T0 + MONTH, true);
+    malformed.as_object_mut().unwrap().remove("status");
+    let malformed = Event::new(
+        "evt_dl_3",
+        "customer.subscription.updated",
+        T0 + 20,
+        malformed,
+    );
+    pipeline
+        .send_all(&[
+            Event::new(
+                "evt_dl_1",
+                "customer.created",
+                T0,
+                customer("cus_dl", false),
+            )
+            .body(),
+            valid.clone(),
+            malformed.body(),
+        ])
+        .await;
+    pipeline.settle().await;
+    let record = read_topic_to_end(&pipeline.events_topic)
+        .into_iter()
+        .find(|m| m.payload() == Some(valid.as_bytes()))
+        .expect("the valid event is in the log");
+    let mut db = pipeline.db().await;
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO dead_letters (event_id, event_type, topic, partition, \"offset\", reason, message, payload)
+         VALUES ('evt_dl_2', 'customer.subscription.created', $1, $2, $3, 'unexpected_shape',
+                 'rejected by an older projector version', $4) RETURNING id",
+    )
+    .bind(&pipeline.events_topic)
+    .bind(record.partition())
+    .bind(record.offset())
+    .bind(valid.as_bytes())
+    .fetch_one(&mut db)
+    .await
+    .unwrap();
+    let redrive = pipeline.projector_command(&["redrive", "--id", &id.to_string()]);
+    assert!(redrive.status.success(), "{redrive:?}");
+    pipeline.settle().await;
+    let dead_letters_sql = "SELECT id, event_id, partition, \"offset\", reason, redriven_at FROM dead_letters ORDER BY id";
+    let before = pipeline.table(dead_letters_sql).await;
+    assert_eq!(before.len(), 2, "{before:?}");
+    assert!(before
+        .iter()
+        .any(|d| d["event_id"] == "evt_dl_2" && !d["redriven_at"].is_null()));
+    assert!(before
+        .iter()
+        .any(|d| d["event_id"] == "evt_dl_3" && d["redriven_at"].is_null()));
+    let dlq_before = read_topic_to_end(&pipeline.dlq_topic).len();
+
+    // Act
+    let report = rebuild(&pipeline, &[]);
+    pipeline.settle().await;
+
+    // Assert: the same rows, redrive state included; the replay met the malformed record but
+    // neither recorded nor published it again; nothing else changed.
+    assert_eq!(pipeline.table(dead_letters_sql).await, before);
+    assert_eq!(report["dead_letters"], 1, "{report}");
+    assert_eq!(read_topic_to_end(&pipeline.dlq_topic).len(), dlq_before);
+    assert_eq!(report["changed"], 0, "{report}");
+    assert_eq!(
+        pipeline.entitlements("cus_dl", None).await["features"],
+        json!(["api", "pro"])
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A large log: a crashed rebuild, then one that does not stop the world
+// ---------------------------------------------------------------------------------------------
+
+/// Customers of the large log, and events per customer: 300,000 events.
+const LARGE_CUSTOMERS: usize = 30_000;
+const LARGE_STEPS: usize = 10;
+
+/// Event `step` of large-log customer `c`: created, then a subscription's life with invoices.
+/// Customers of the same parity differ only in their number.
+fn large_event(c: usize, step: usize) -> String {
+    let customer_id = format!("cus_big_{c}");
+    let subscription_id = format!("sub_big_{c}");
+    let id = format!("evt_big_{c}_{step}");
+    let created = T0 + (step as i64) * DAY;
+    let statuses = ["trialing", "active", "past_due", "canceled", "active"];
+    let items: &[Item<'_>] = if c.is_multiple_of(2) { &[PRO] } else { &[TEAM] };
+    let event = match step {
+        0 => Event::new(
+            &id,
+            "customer.created",
+            created,
+            customer(&customer_id, false),
+        ),
+        s if s % 2 == 0 => Event::new(
+            &id,
+            "invoice.paid",
+            created,
+            invoice(
+                &format!("in_big_{c}_{s}"),
+                &customer_id,
+                &subscription_id,
+                "paid",
+                1,
+                None,
+                created + MONTH,
+                true,
+            ),
+        ),
+        s => Event::new(
+            &id,
+            if s == 1 {
+                "customer.subscription.created"
+            } else {
+                "customer.subscription.updated"
+            },
+            created,
+            subscription(
+                &subscription_id,
+                &customer_id,
+                statuses[(s / 2) % statuses.len()],
+                items,
+                created + MONTH,
+                true,
+            ),
+        ),
+    };
+    event.body()
+}
+
+/// [`large_event`] for every customer: built once per step and parity through the payload
+/// builders, then given each customer's number (building 300,000 payloads through `serde_json`
+/// at debug speed would take minutes).
+fn large_log() -> impl Iterator<Item = (String, String)> {
+    const PLACEHOLDER: usize = 999_999_990;
+    (0..LARGE_STEPS).flat_map(|step| {
+        let templates = [
+            large_event(PLACEHOLDER, step),
+            large_event(PLACEHOLDER + 1, step),
+        ];
+        (0..LARGE_CUSTOMERS).map(move |c| {
+            let template = &templates[c % 2];
+            let number = (PLACEHOLDER + c % 2).to_string();
+            (
+                format!("cus_big_{c}"),
+                template.replace(&number, &c.to_string()),
+            )
+        })
+    })
+}
+
+/// A producer straight to the log (not through ingest): the large log is for the rebuild, and
+/// signing and POSTing 300,000 webhooks would take most of the test's time.
+fn log_producer() -> rdkafka::producer::FutureProducer {
+    shared::kafka::durable_producer_config(&brokers(), Duration::from_secs(60))
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .create()
+        .expect("producer")
+}
+
+/// Appends `(key, body)` records to `topic`, waiting for every acknowledgement.
+async fn produce_all(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    records: impl Iterator<Item = (String, String)>,
+) -> u64 {
+    use rdkafka::producer::FutureRecord;
+    let mut deliveries = Vec::new();
+    for (key, body) in records {
+        loop {
+            match producer.send_result(FutureRecord::to(topic).key(&key).payload(&body)) {
+                Ok(delivery) => {
+                    deliveries.push(delivery);
+                    break;
+                }
+                Err(_) => producer.poll(Duration::from_millis(10)),
+            }
+        }
+    }
+    let n = deliveries.len() as u64;
+    for delivery in deliveries {
+        delivery.await.expect("delivery").expect("delivered");
+    }
+    n
+}
+
+/// `projector rebuild --json` on a blocking thread, so the test's monitors keep running.
+async fn rebuild_within(pipeline: &Pipeline, deadline: Duration, what: &'static str) -> Value {
+    let command = projector(pipeline, &["rebuild", "--json"]);
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let output = output_within_deadline_of(command, deadline);
+        let stdout = succeeded("rebuild", &output);
+        rebuild_report(what, &stdout, started.elapsed())
+    })
+    .await
+    .unwrap()
+}
+
+/// The end (high watermark) of every partition of `topic`.
+fn log_ends(topic: &str) -> Vec<(i32, i64)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("e2e-watermarks"))
+        .create()
+        .expect("consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                .expect("watermarks");
+            (p.id(), high)
+        })
+        .collect()
+}
+
+/// Live's stored offsets summed: the records it has applied.
+async fn applied(db: &mut sqlx::PgConnection, topic: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT COALESCE(sum(next_offset), 0)::int8 FROM consumer_offsets WHERE topic = $1",
+    )
+    .bind(topic)
+    .fetch_one(db)
+    .await
+    .unwrap()
+}
+
+/// The names of the schemas rebuilds created and did not drop.
+async fn rebuild_schemas(db: &mut sqlx::PgConnection) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'rebuild\\_%' ORDER BY 1",
+    )
+    .fetch_all(db)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn large_rebuild_after_a_crashed_one_pauses_live_under_2_s_and_the_api_under_1_s() {
+    // Arrange: 300,000 events in the log, projected by a first rebuild. Live's own catch-up
+    // of them would take minutes at debug speed, so live is stopped, its offsets are set to the
+    // end of the log (as if it had applied it and lost its tables) and the rebuild builds the
+    // projections, announcing every customer; then live runs again.
+    let mut pipeline = Pipeline::start(Options::default()).await;
+    pipeline.projector.take();
+    let producer = log_producer();
+    let topic = pipeline.events_topic.clone();
+    let started = Instant::now();
+    pipeline.appended += produce_all(&producer, &topic, large_log()).await;
+    let produced = started.elapsed();
+    let mut db = pipeline.db().await;
+    for (partition, end) in log_ends(&topic) {
+        sqlx::query(
+            "INSERT INTO consumer_offsets (topic, partition, next_offset) VALUES ($1, $2, $3)
+             ON CONFLICT (topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset",
+        )
+        .bind(&topic)
+        .bind(partition)
+        .bind(end)
+        .execute(&mut db)
+        .await
+        .unwrap();
+    }
+    let first = rebuild_within(
+        &pipeline,
+        Duration::from_secs(600),
+        "first rebuild (300k events)",
+    )
+    .await;
+    assert_eq!(first["events"], 300_000, "{first}");
+    assert_eq!(first["changed"], LARGE_CUSTOMERS, "{first}");
+    pipeline.start_projector();
+    pipeline.settle().await;
+    println!(
+        "large log: {} events produced in {:.1}s, projected and announced after {:.1}s",
+        pipeline.appended,
+        produced.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+    let messages_before = pipeline.changes();
+
+    // Measure, from here to the end: live's longest stall while records wait for it (a
+    // trickle of new customers keeps it busy), and the read API's longest answer.
+    let done = Arc::new(AtomicBool::new(false));
+    let trickled = Arc::new(AtomicU64::new(0));
+    let trickle = tokio::spawn({
+        let (done, trickled, producer, topic) = (
+            done.clone(),
+            trickled.clone(),
+            producer.clone(),
+            topic.clone(),
+        );
+        async move {
+            let mut n = 0;
+            while !done.load(Ordering::SeqCst) {
+                let customer_id = format!("cus_trickle_{n}");
+                let body = Event::new(
+                    &format!("evt_trickle_{n}"),
+                    "customer.created",
+                    T0 + MONTH,
+                    customer(&customer_id, false),
+                )
+                .body();
+                produce_all(&producer, &topic, std::iter::once((customer_id, body))).await;
+                n += 1;
+                trickled.store(n, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    let base = pipeline.appended as i64;
+    let stall_monitor = tokio::spawn({
+        let (done, trickled, topic) = (done.clone(), trickled.clone(), topic.clone());
+        let mut db = pipeline.db().await;
+        async move {
+            let mut longest = Duration::ZERO;
+            let mut last = (applied(&mut db, &topic).await, Instant::now());
+            while !done.load(Ordering::SeqCst) {
+                let now = applied(&mut db, &topic).await;
+                if now > last.0 {
+                    last = (now, Instant::now());
+                } else if base + (trickled.load(Ordering::SeqCst) as i64) > now {
+                    longest = longest.max(last.1.elapsed());
+                } else {
+                    last.1 = Instant::now();
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            longest
+        }
+    });
+    let prober = tokio::spawn({
+        let (done, client, url) = (
+            done.clone(),
+            pipeline.client.clone(),
+            pipeline.api_url("/v1/customers/cus_big_7/entitlements"),
+        );
+        async move {
+            let (mut longest, mut answers) = (Duration::ZERO, 0u64);
+            while !done.load(Ordering::SeqCst) {
+                let asked = Instant::now();
+                let response = client
+                    .get(&url)
+                    .bearer_auth(TOKEN)
+                    .send()
+                    .await
+                    .expect("GET");
+                assert_eq!(response.status(), 200);
+                longest = longest.max(asked.elapsed());
+                answers += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (longest, answers)
+        }
+    });
+
+    // Act 1: a rebuild SIGKILLed while it replays.
+    let mut crashed = projector(&pipeline, &["rebuild", "--json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start rebuild");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let leftover = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the rebuild never started replaying"
+        );
+        assert!(
+            crashed.try_wait().unwrap().is_none(),
+            "the rebuild ended before it was killed"
+        );
+        if let Some(schema) = rebuild_schemas(&mut db).await.into_iter().next() {
+            let staged: Option<i64> = sqlx::query_scalar(&format!(
+                "SELECT count(*) FROM (SELECT 1 FROM {schema}.stage_subscriptions LIMIT 1) s"
+            ))
+            .fetch_one(&mut db)
+            .await
+            .ok();
+            if staged == Some(1) {
+                break schema;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    crashed.kill().unwrap();
+    crashed.wait().unwrap();
+    assert_eq!(rebuild_schemas(&mut db).await, vec![leftover.clone()]);
+
+    // Act 2: the next rebuild, to completion.
+    let report = rebuild_within(&pipeline, Duration::from_secs(600), "rebuild (300k events)").await;
+    done.store(true, Ordering::SeqCst);
+    trickle.await.unwrap();
+    let longest_stall = stall_monitor.await.unwrap();
+    let (longest_answer, answers) = prober.await.unwrap();
+    pipeline.appended += trickled.load(Ordering::SeqCst);
+    pipeline.settle().await;
+    println!(
+        "during the rebuilds: read API longest answer {:.1} ms over {answers} answers; live's longest stall {:.1} ms; \
+         lock held {:.1} ms for {} records; phases {}",
+        longest_answer.as_secs_f64() * 1e3,
+        longest_stall.as_secs_f64() * 1e3,
+        report["lock_held_ms"].as_f64().unwrap(),
+        report["locked_events"],
+        report["phases"]
+    );
+
+    // Assert: leftovers reused, everything replayed, nothing changed, targets met.
+    assert_eq!(report["leftovers_removed"], json!([leftover]), "{report}");
+    assert_eq!(rebuild_schemas(&mut db).await, Vec::<String>::new());
+    assert!(report["events"].as_u64().unwrap() >= 300_000, "{report}");
+    assert_eq!(
+        report["changed"], 0,
+        "the rebuilt entitlements differ from live's: {report}"
+    );
+    let new_messages = new_changes(&messages_before, &pipeline.changes());
+    assert_eq!(
+        new_messages.len() as u64,
+        trickled.load(Ordering::SeqCst),
+        "one message per new customer from live, none from the rebuild"
+    );
+    assert!(new_messages
+        .iter()
+        .all(|(_, m)| m["cause"]["event_type"] == "customer.created"));
+    assert!(
+        report["lock_held_ms"].as_f64().unwrap() < 2_000.0,
+        "{report}"
+    );
+    assert!(
+        longest_stall < Duration::from_secs(2),
+        "live stalled {longest_stall:?}"
+    );
+    assert!(
+        longest_answer < Duration::from_secs(1),
+        "the API took {longest_answer:?}"
+    );
+    let trickle_rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM entitlements WHERE customer LIKE 'cus\\_trickle\\_%'",
+    )
+    .fetch_one(&mut db)
+    .await
+    .unwrap();
+    assert_eq!(trickle_rows as u64, trickled.load(Ordering::SeqCst));
+    let view = pipeline.entitlements("cus_big_7", None).await;
+    assert_eq!(view["features"], json!(["team"]), "{view}");
 }

@@ -3,12 +3,14 @@
 //! rendering and the entitlement change message. No I/O policy lives here.
 #![forbid(unsafe_code)]
 
+pub mod change;
 pub mod config;
 pub mod envelope;
 pub mod kafka;
 pub mod metrics;
 pub mod telemetry;
 
+pub use change::{Cause, ChangeMessage};
 pub use envelope::{
     EnvelopeError, EventBody, EventEnvelope, EventSource, RelatedObject, ThinEvent,
 };

@@ -7,6 +7,7 @@
 //! `incoming > stored` rule); [`state::CustomerState::apply`] does the same in memory; and
 //! [`entitlements::compute`] derives a customer's features from their current snapshots.
 
+pub mod change;
 pub mod entitlements;
 pub mod policy;
 pub mod rank;
@@ -22,6 +23,7 @@ pub(crate) mod testing;
 
 use shared::EventEnvelope;
 
+pub use change::{change_message, same_entitlements, FeatureDiff};
 pub use entitlements::{compute, features_granted, EntitlementView, ItemView, SubscriptionView};
 pub use policy::{EntitlementPolicy, Grant, Matcher, PastDue, PolicyError};
 pub use rank::Rank;

@@ -3,15 +3,14 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use serde::Serialize;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use shared::envelope::header;
-use shared::EventEnvelope;
+use shared::{Cause, EventEnvelope};
 
 use crate::projection::{
-    coalesce, compute, project, CustomerKey, EntitlementPolicy, EntitlementView, ObjectKind,
-    ProjectedEvent, Snapshot,
+    change_message, coalesce, compute, project, same_entitlements, CustomerKey, EntitlementPolicy,
+    EntitlementView, ObjectKind, ProjectedEvent, Snapshot, SubscriptionSnapshot,
 };
 
 use super::load_states;
@@ -111,25 +110,6 @@ pub(super) struct DeadLetter<'r> {
     pub(super) message: String,
     /// When Postgres refused the record: its SQLSTATE.
     pub(super) sqlstate: Option<String>,
-}
-
-/// The change message of SPEC §9.
-#[derive(Serialize)]
-struct ChangeMessage<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    #[serde(flatten)]
-    view: &'a serde_json::Value,
-    version: i64,
-    added: Vec<&'a str>,
-    removed: Vec<&'a str>,
-    cause: Cause<'a>,
-}
-
-#[derive(Serialize)]
-struct Cause<'a> {
-    event_id: &'a str,
-    event_type: &'a str,
 }
 
 /// Applies `records` (one partition's records in offset order; several partitions allowed) in
@@ -452,6 +432,19 @@ fn upsert_sql(table: &str, extra_columns: &[(&str, &str)]) -> String {
     )
 }
 
+/// The `subscriptions.items` column of a snapshot, as live batches and the rebuild store it.
+pub(crate) fn subscription_items_json(s: &SubscriptionSnapshot) -> String {
+    let items: Vec<serde_json::Value> = s
+        .items
+        .iter()
+        .map(|i| {
+            serde_json::json!({"id": i.id, "price": i.price, "product": i.product, "lookup_key": i.lookup_key,
+                               "quantity": i.quantity, "current_period_end": i.current_period_end})
+        })
+        .collect();
+    serde_json::Value::Array(items).to_string()
+}
+
 async fn upsert_objects(
     tx: &mut Transaction<'_, Postgres>,
     objects: &BTreeMap<crate::projection::ObjectKey, ProjectedEvent>,
@@ -504,17 +497,7 @@ async fn upsert_objects(
                 subscriptions.2.push(s.status.as_str());
                 subscriptions.3.push(s.current_period_end);
                 subscriptions.4.push(s.cancel_at_period_end);
-                let items: Vec<serde_json::Value> = s
-                    .items
-                    .iter()
-                    .map(|i| {
-                        serde_json::json!({"id": i.id, "price": i.price, "product": i.product, "lookup_key": i.lookup_key,
-                                           "quantity": i.quantity, "current_period_end": i.current_period_end})
-                    })
-                    .collect();
-                subscriptions
-                    .5
-                    .push(serde_json::Value::Array(items).to_string());
+                subscriptions.5.push(subscription_items_json(s));
             }
             Snapshot::Invoice(s) => {
                 invoices.0.push(event, snapshot);
@@ -720,32 +703,15 @@ async fn write_entitlement_changes(
         if !ctx.mode.emits() {
             continue;
         }
-        let added: Vec<&str> = view
-            .features
-            .iter()
-            .filter(|f| !old_features.contains(f))
-            .map(String::as_str)
-            .collect();
-        let removed: Vec<&str> = old_features
-            .iter()
-            .filter(|f| !view.features.contains(f))
-            .map(String::as_str)
-            .collect();
-        let (cause_id, cause_type) = causes
+        // Every touched customer has a cause: touched means a new event with a snapshot.
+        let cause = causes
             .get(key)
-            .map(|(i, t)| (i.as_str(), t.as_str()))
-            .unwrap_or(("", ""));
-        let message = ChangeMessage {
-            kind: "entitlements.changed",
-            view: &value,
-            version,
-            added,
-            removed,
-            cause: Cause {
-                event_id: cause_id,
-                event_type: cause_type,
-            },
-        };
+            .map(|(id, event_type)| Cause::event(id.as_str(), event_type.as_str()))
+            .unwrap_or_else(|| Cause {
+                event_id: None,
+                event_type: String::new(),
+            });
+        let message = change_message(&value, version, &old_features, &view.features, cause);
         let payload = serde_json::to_vec(&message).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
         let message_key = shared::envelope::scoped_key(view.account.as_deref(), &view.customer);
         outbox.push(
@@ -780,19 +746,6 @@ async fn write_entitlement_changes(
         outbox.insert(tx).await?;
     }
     Ok(changes)
-}
-
-/// Whether two stored objects are the same entitlement state. `updated_at` alone changing (an
-/// invoice, a profile update) is not a change downstream needs to hear about.
-pub fn same_entitlements(a: &serde_json::Value, b: &serde_json::Value) -> bool {
-    match (a.as_object(), b.as_object()) {
-        (Some(a), Some(b)) => {
-            a.len() == b.len()
-                && a.iter()
-                    .all(|(k, v)| k == "updated_at" || b.get(k) == Some(v))
-        }
-        _ => a == b,
-    }
 }
 
 #[derive(Default)]

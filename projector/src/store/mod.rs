@@ -16,9 +16,9 @@ use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
+pub(crate) use batch::subscription_items_json;
 pub use batch::{
-    apply_batch, same_entitlements, BatchContext, BatchMode, BatchOutcome, InputRecord,
-    DLQ_SQLSTATE, REBUILD_LOCK,
+    apply_batch, BatchContext, BatchMode, BatchOutcome, InputRecord, DLQ_SQLSTATE, REBUILD_LOCK,
 };
 pub use dedupe::prune_processed_events;
 pub use load::load_states;
