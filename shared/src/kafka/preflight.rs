@@ -56,7 +56,8 @@ fn check_blocking(settings: &KafkaSettings, deadline: Duration) -> Result<(), Ka
         .set("socket.connection.setup.timeout.ms", "5000")
         // librdkafka would otherwise keep reconnecting quickly and report each failure.
         .set("reconnect.backoff.ms", "200")
-        .set_log_level(RDKafkaLogLevel::Error);
+        // Info too: some causes (a plaintext client on a TLS listener) only reach the log.
+        .set_log_level(RDKafkaLogLevel::Info);
     let consumer: BaseConsumer<Probe> = config
         .create_with_context(probe)
         .map_err(|e| unreachable(format!("cannot create a client: {}", redacted(&e))))?;
@@ -68,17 +69,22 @@ fn check_blocking(settings: &KafkaSettings, deadline: Duration) -> Result<(), Ka
             Ok(metadata) if !metadata.brokers().is_empty() => return Ok(()),
             Ok(_) | Err(_) => {}
         }
+        // librdkafka hands its error events to the context only while the client is polled.
+        let _ = consumer.poll(Duration::from_millis(100));
         let captured = seen.lock().map(|s| s.clone()).unwrap_or_default();
         if let Some(decisive) = captured.iter().find_map(|c| c.decisive()) {
             return Err(decisive.with_default_broker(settings.brokers()));
         }
         if started.elapsed() >= deadline {
-            return Err(match captured.last() {
+            // "1/1 brokers are down" says less than the failure that took the broker down.
+            let telling = captured
+                .iter()
+                .rev()
+                .find(|c| c.code != Some(RDKafkaErrorCode::AllBrokersDown))
+                .or(captured.last());
+            return Err(match telling {
                 Some(last) => last.classify().with_default_broker(settings.brokers()),
-                None => unreachable(format!(
-                    "no broker answered within {}s",
-                    deadline.as_secs()
-                )),
+                None => unreachable(format!("no broker answered within {}s", deadline.as_secs())),
             });
         }
     }
@@ -137,6 +143,8 @@ impl Captured {
             )
         } else if lower.contains("incorrect security.protocol")
             || lower.contains("connecting to a ssl listener")
+            // A TLS listener drops a plaintext client's first request (ApiVersion) unanswered.
+            || (lower.contains("disconnected") && self.reason.contains("in state APIVERSION_QUERY"))
         {
             (
                 "the broker closed the connection during the handshake: it is probably a TLS listener (check KAFKA_SECURITY_PROTOCOL, e.g. SASL_SSL)".to_owned(),
@@ -158,12 +166,12 @@ impl Captured {
         } else if self.code == Some(RDKafkaErrorCode::UnsupportedSASLMechanism)
             || lower.contains("mechanism")
         {
-            (
-                format!("{detail} (check KAFKA_SASL_MECHANISM)"),
-                true,
-            )
+            (format!("{detail} (check KAFKA_SASL_MECHANISM)"), true)
         } else if self.code == Some(RDKafkaErrorCode::Resolve) || lower.contains("resolve") {
-            (format!("cannot resolve the broker's address: {detail}"), false)
+            (
+                format!("cannot resolve the broker's address: {detail}"),
+                false,
+            )
         } else {
             (format!("cannot connect: {detail}"), false)
         };
@@ -176,14 +184,22 @@ impl Captured {
 }
 
 fn split_broker(reason: &str) -> (Option<String>, &str) {
+    // Log lines start with the thread: `[thrd:127.0.0.1:9093/bootstrap]: `.
+    let reason = match reason.strip_prefix("[thrd:") {
+        Some(rest) => rest.split_once("]: ").map_or(reason, |(_, r)| r),
+        None => reason,
+    };
     let Some((prefix, rest)) = reason.split_once(": ") else {
         return (None, reason);
     };
-    let Some((_, address)) = prefix.split_once("://") else {
-        return (None, reason);
-    };
-    let address = address.split('/').next().unwrap_or(address);
-    (Some(address.to_owned()), rest)
+    // `sasl_ssl://host:port/bootstrap` or `host:port/1`.
+    let address = prefix.split_once("://").map_or(prefix, |(_, a)| a);
+    match address.split_once('/') {
+        Some((host_port, _)) if host_port.contains(':') && !host_port.contains(' ') => {
+            (Some(host_port.to_owned()), rest)
+        }
+        _ => (None, reason),
+    }
 }
 
 fn strip_timing(detail: &str) -> &str {
@@ -199,17 +215,27 @@ struct Probe {
 }
 
 impl ClientContext for Probe {
-    // The check reports one summary line; librdkafka's own lines would repeat it.
+    // The check reports one summary line; librdkafka's own lines would repeat it, so they are
+    // kept for the verdict and logged at debug level only.
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
         tracing::debug!(target: "librdkafka", ?level, fac, message, "start-up check");
+        if fac == "FAIL" || matches!(level, RDKafkaLogLevel::Error) {
+            self.capture(None, message);
+        }
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        self.capture(error.rdkafka_error_code(), reason);
+    }
+}
+
+impl Probe {
+    fn capture(&self, code: Option<RDKafkaErrorCode>, reason: &str) {
         if let Ok(mut seen) = self.seen.lock() {
             // Bounded: a flapping connection reports the same failures over and over.
             if seen.len() < 64 {
                 seen.push(Captured {
-                    code: error.rdkafka_error_code(),
+                    code,
                     reason: reason.to_owned(),
                 });
             }
@@ -250,7 +276,7 @@ mod tests {
             Some(RDKafkaErrorCode::BrokerTransportFailure),
             "127.0.0.1:9093/bootstrap: Disconnected while requesting ApiVersion: might be caused by incorrect security.protocol configuration (connecting to a SSL listener?) or broker version is < 0.10 (see api.version.request) (after 1ms in state APIVERSION_QUERY)",
         );
-        assert_eq!(broker, None, "no scheme: the configured list is named");
+        assert_eq!(broker.as_deref(), Some("127.0.0.1:9093"));
         assert!(cause.contains("KAFKA_SECURITY_PROTOCOL"), "{cause}");
         assert!(decisive);
     }
@@ -268,13 +294,27 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_dropped_at_the_first_request_points_at_a_tls_listener() {
+        let (broker, cause, decisive) = verdict(
+            None,
+            "[thrd:127.0.0.1:9093/bootstrap]: 127.0.0.1:9093/bootstrap: Disconnected: connection closed by peer: receive 0 after POLLIN (after 1ms in state APIVERSION_QUERY)",
+        );
+        assert_eq!(broker.as_deref(), Some("127.0.0.1:9093"));
+        assert!(cause.contains("TLS listener"), "{cause}");
+        assert!(decisive);
+    }
+
+    #[test]
     fn a_refused_connection_is_retried_until_the_deadline() {
         let (broker, cause, decisive) = verdict(
             Some(RDKafkaErrorCode::BrokerTransportFailure),
-            "PLAINTEXT://127.0.0.1:1/bootstrap: Connect to ipv4#127.0.0.1:1 failed: Connection refused (after 0ms in state CONNECT)",
+            "127.0.0.1:1/bootstrap: Connect to ipv4#127.0.0.1:1 failed: Connection refused (after 0ms in state CONNECT, 1 identical error(s) suppressed)",
         );
         assert_eq!(broker.as_deref(), Some("127.0.0.1:1"));
-        assert!(cause.starts_with("cannot connect: "), "{cause}");
+        assert_eq!(
+            cause,
+            "cannot connect: Connect to ipv4#127.0.0.1:1 failed: Connection refused"
+        );
         assert!(!decisive);
     }
 }
