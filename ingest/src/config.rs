@@ -6,13 +6,15 @@ use std::time::Duration;
 use secrecy::SecretString;
 pub use shared::config::ConfigError;
 use shared::config::{err, num, topic};
+use shared::kafka::KafkaSettings;
 
 use crate::signature::DEFAULT_TOLERANCE_SECS;
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// `KAFKA_BROKERS`: bootstrap servers.
-    pub kafka_brokers: String,
+    /// `KAFKA_BROKERS`, `KAFKA_CLIENT_PROPERTIES` and the `KAFKA_*` security overrides: how
+    /// every Kafka client of this service connects (secrets redacted in Debug).
+    pub kafka: KafkaSettings,
     /// `STRIPE_WEBHOOK_SECRETS`: comma-separated `whsec_…`; a signature by any of them passes.
     pub webhook_secrets: Vec<SecretString>,
     /// `SIGNATURE_TOLERANCE_SECS`: max age of the signed timestamp, seconds, > 0.
@@ -80,7 +82,7 @@ impl Config {
             return Err(err("APPEND_TIMEOUT_MS", "must be at least 100"));
         }
         Ok(Config {
-            kafka_brokers: get("KAFKA_BROKERS").unwrap_or_else(|| "127.0.0.1:9092".into()),
+            kafka: KafkaSettings::from_lookup(&lookup)?,
             webhook_secrets,
             signature_tolerance_secs,
             max_body_bytes,
@@ -132,7 +134,7 @@ mod tests {
     #[test]
     fn defaults_apply_when_only_the_secret_is_set() {
         let c = config(&[("STRIPE_WEBHOOK_SECRETS", "whsec_a")]).unwrap();
-        assert_eq!(c.kafka_brokers, "127.0.0.1:9092");
+        assert_eq!(c.kafka.brokers(), "127.0.0.1:9092");
         assert_eq!(c.signature_tolerance_secs, 300);
         assert_eq!(c.max_body_bytes, 1_048_576);
         assert_eq!(c.addr.to_string(), "127.0.0.1:8080");

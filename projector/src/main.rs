@@ -96,6 +96,9 @@ async fn run(command: Command, config: Config) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Rebuild { dry_run } => {
+            startup::kafka_reachable(&config)
+                .await
+                .map_err(|e| e.to_string())?;
             let report = projector::rebuild::rebuild(&config, dry_run)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -135,6 +138,9 @@ async fn run(command: Command, config: Config) -> Result<ExitCode, String> {
             at,
             json,
         } => {
+            startup::kafka_reachable(&config)
+                .await
+                .map_err(|e| e.to_string())?;
             let until = match at.as_deref() {
                 None => None,
                 Some(text) => Some(

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use sqlx::{Acquire, PgPool, Row};
 
@@ -117,8 +117,9 @@ async fn rebuild_into(
 ) -> Result<RebuildReport, RebuildError> {
     let fresh = store::connect_in(&config.database_url, 4, Some(schema)).await?;
     store::migrate(&fresh).await?;
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka_brokers)
+    let consumer: StreamConsumer = config
+        .kafka
+        .client_config()
         .set("group.id", format!("{}-{schema}", config.group_id))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 use sqlx::{Connection, PgConnection};
 
@@ -40,6 +40,11 @@ features = ["sso", "audit"]
 
 pub fn brokers() -> String {
     std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// The settings the test's own Kafka clients use: the same variables as the services.
+pub fn kafka_settings() -> shared::kafka::KafkaSettings {
+    shared::kafka::KafkaSettings::from_env().expect("KAFKA_* settings")
 }
 
 pub fn admin_database_url() -> String {
@@ -520,8 +525,8 @@ impl Drop for Pipeline {
 
 /// Reads every record a topic holds now: from the beginning to each partition's high watermark.
 pub fn read_topic_to_end(topic: &str) -> Vec<OwnedMessage> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+    let consumer: BaseConsumer = kafka_settings()
+        .client_config()
         .set("group.id", unique("e2e-reader"))
         .set("enable.auto.commit", "false")
         .create()
@@ -568,8 +573,8 @@ pub fn read_topic_to_end(topic: &str) -> Vec<OwnedMessage> {
 
 /// Reads a topic from the beginning of every partition until `count` records or the deadline.
 pub fn read_topic(topic: &str, count: usize, deadline: Duration) -> Vec<OwnedMessage> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+    let consumer: BaseConsumer = kafka_settings()
+        .client_config()
         .set("group.id", unique("e2e-reader"))
         .set("enable.auto.commit", "false")
         .create()
