@@ -184,7 +184,7 @@ impl Drop for Service {
     }
 }
 
-fn binary(name: &str) -> PathBuf {
+pub fn binary(name: &str) -> PathBuf {
     // Both binaries live in the same target directory; `cargo test --workspace` builds them.
     let projector = PathBuf::from(env!("CARGO_BIN_EXE_projector"));
     let path = projector.with_file_name(name);
@@ -200,6 +200,60 @@ fn binary(name: &str) -> PathBuf {
 pub struct Options {
     pub entitlements: String,
     pub extra_env: Vec<(String, String)>,
+    pub endpoints: Endpoints,
+}
+
+/// Where the services find Kafka and Postgres: the plaintext endpoints, or the secured ones
+/// `scripts/stack` also serves (SPEC §12).
+#[derive(Clone, Debug)]
+pub struct Endpoints {
+    /// `KAFKA_BROKERS` and, when secured, `KAFKA_CLIENT_PROPERTIES` for both services.
+    pub kafka_env: Vec<(String, String)>,
+    /// A database URL on the server where test databases are created (its query is kept).
+    pub admin_database_url: String,
+}
+
+impl Default for Endpoints {
+    fn default() -> Self {
+        Endpoints {
+            kafka_env: vec![("KAFKA_BROKERS".to_owned(), brokers())],
+            admin_database_url: admin_database_url(),
+        }
+    }
+}
+
+impl Endpoints {
+    /// `KAFKA_SECURE_BROKERS` with `KAFKA_SECURE_CLIENT_PROPERTIES` and `DATABASE_URL_TLS`,
+    /// from `scripts/stack up` (scripts/test exports them).
+    pub fn secured() -> Self {
+        let var = |name: &str| {
+            std::env::var(name).unwrap_or_else(|_| {
+                panic!("{name} is unset: run under scripts/test or eval \"$(scripts/stack env)\"")
+            })
+        };
+        Endpoints {
+            kafka_env: vec![
+                ("KAFKA_BROKERS".to_owned(), var("KAFKA_SECURE_BROKERS")),
+                (
+                    "KAFKA_CLIENT_PROPERTIES".to_owned(),
+                    var("KAFKA_SECURE_CLIENT_PROPERTIES"),
+                ),
+            ],
+            admin_database_url: var("DATABASE_URL_TLS"),
+        }
+    }
+}
+
+/// `url` with its database replaced, keeping the options (`?sslmode=…&sslrootcert=…`).
+pub fn database_url_for(url: &str, database: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let server = &base[..base.rfind('/').expect("a database URL with a path")];
+    match query {
+        Some(query) => format!("{server}/{database}?{query}"),
+        None => format!("{server}/{database}"),
+    }
 }
 
 impl Default for Options {
@@ -207,6 +261,7 @@ impl Default for Options {
         Options {
             entitlements: ENTITLEMENTS.to_owned(),
             extra_env: Vec::new(),
+            endpoints: Endpoints::default(),
         }
     }
 }
@@ -240,28 +295,27 @@ impl Pipeline {
     pub async fn start(options: Options) -> Pipeline {
         let name = unique("e2e");
         let database = name.to_lowercase();
-        let mut admin = PgConnection::connect(&admin_database_url())
+        let mut admin = PgConnection::connect(&options.endpoints.admin_database_url)
             .await
             .expect("connect to Postgres (scripts/stack up)");
         sqlx::query(&format!("CREATE DATABASE {database}"))
             .execute(&mut admin)
             .await
             .unwrap();
-        let base = admin_database_url();
-        let database_url = format!("{}/{database}", &base[..base.rfind('/').unwrap()]);
+        let database_url = database_url_for(&options.endpoints.admin_database_url, &database);
         let entitlements_path = std::env::temp_dir().join(format!("{name}.toml"));
         std::fs::write(&entitlements_path, &options.entitlements).unwrap();
         let events_topic = format!("{name}.events");
         let changes_topic = format!("{name}.changes");
         let dlq_topic = format!("{name}.dlq");
-        let ingest_env = vec![
-            ("KAFKA_BROKERS".to_owned(), brokers()),
+        let mut ingest_env = options.endpoints.kafka_env.clone();
+        ingest_env.extend([
             ("STRIPE_WEBHOOK_SECRETS".to_owned(), SECRET.to_owned()),
             ("INGEST_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
             ("STRIPE_EVENTS_TOPIC".to_owned(), events_topic.clone()),
             ("DLQ_TOPIC".to_owned(), dlq_topic.clone()),
             ("STRIPE_EVENTS_PARTITIONS".to_owned(), "3".to_owned()),
-        ];
+        ]);
         let ingest = Service::spawn(
             "ingest",
             binary("ingest"),
@@ -287,8 +341,8 @@ impl Pipeline {
     }
 
     pub fn projector_env(&self) -> Vec<(String, String)> {
-        let mut env = vec![
-            ("KAFKA_BROKERS".to_owned(), brokers()),
+        let mut env = self.options.endpoints.kafka_env.clone();
+        env.extend([
             ("DATABASE_URL".to_owned(), self.database_url.clone()),
             ("PROJECTOR_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
             ("STRIPE_EVENTS_TOPIC".to_owned(), self.events_topic.clone()),
@@ -301,7 +355,7 @@ impl Pipeline {
             ),
             ("API_TOKEN".to_owned(), TOKEN.to_owned()),
             ("PROJECTOR_GROUP".to_owned(), self.group.clone()),
-        ];
+        ]);
         env.extend(self.options.extra_env.iter().cloned());
         env
     }
