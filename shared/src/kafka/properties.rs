@@ -190,9 +190,10 @@ pub enum JaasError {
 }
 
 /// Parses the Java clients' JAAS syntax (what Kafka's `JaasConfig` reads with a
-/// `StreamTokenizer`): `<LoginModuleClass> <flag> key="value" key2=value2 ;`. Quoted values take
-/// `\"`, `\\`, `\n`, `\t`, `\r` escapes; unquoted values run to whitespace or `;`. Kafka insists
-/// on the final `;`; a missing one is accepted, text after it is not.
+/// `StreamTokenizer`): `<LoginModuleClass> <flag> key="value" key2='value2' key3=value3 ;`.
+/// Quoted values take `\"`, `\'`, `\\`, `\n`, `\t`, `\r` escapes; unquoted values run to
+/// whitespace or `;`. Kafka insists on the final `;`; a missing one is accepted, text after it
+/// is not.
 pub fn parse_jaas(text: &str) -> Result<JaasConfig, JaasError> {
     let mut tokens = JaasTokens {
         chars: text.chars().peekable(),
@@ -266,12 +267,14 @@ impl JaasTokens<'_> {
         };
         match c {
             ';' | '=' => Ok(Some(JaasToken::Symbol(c))),
-            '"' => {
+            // Kafka's tokenizer takes both quotes; Confluent Cloud's snippets use single ones.
+            '"' | '\'' => {
+                let quote = c;
                 let mut value = String::new();
                 loop {
                     match self.chars.next() {
                         None => return Err(JaasError::UnterminatedQuote),
-                        Some('"') => return Ok(Some(JaasToken::Quoted(value))),
+                        Some(c) if c == quote => return Ok(Some(JaasToken::Quoted(value))),
                         Some('\\') => match self.chars.next() {
                             None => return Err(JaasError::UnterminatedQuote),
                             Some('n') => value.push('\n'),
@@ -296,7 +299,7 @@ impl JaasTokens<'_> {
 }
 
 fn is_word_char(c: char) -> bool {
-    !c.is_whitespace() && !matches!(c, ';' | '=' | '"')
+    !c.is_whitespace() && !matches!(c, ';' | '=' | '"' | '\'')
 }
 
 #[cfg(test)]
@@ -328,7 +331,10 @@ mod tests {
         assert_eq!(
             pairs(text),
             [
-                pair("bootstrap.servers", "pkc-abc.eu-west-1.aws.confluent.cloud:9092"),
+                pair(
+                    "bootstrap.servers",
+                    "pkc-abc.eu-west-1.aws.confluent.cloud:9092"
+                ),
                 pair("security.protocol", "SASL_SSL"),
                 pair("sasl.mechanisms", "PLAIN"),
                 pair("sasl.username", "KEY"),
@@ -355,7 +361,8 @@ mod tests {
 
     #[test]
     fn continuation_lines_and_escapes_are_decoded() {
-        let text = "sasl.jaas.config=org.Module required \\\n    username=\"u\" \\\n    password=\"p\";\n\
+        let text =
+            "sasl.jaas.config=org.Module required \\\n    username=\"u\" \\\n    password=\"p\";\n\
                     path=C\\:\\\\certs\\\\ca.pem\n\
                     key\\ with\\ space=v\n\
                     uni=\\u00e9t\\u00E9\n\
@@ -434,6 +441,16 @@ mod tests {
     }
 
     #[test]
+    fn confluent_clouds_single_quoted_jaas_parses() {
+        let jaas = parse_jaas(
+            "org.apache.kafka.common.security.plain.PlainLoginModule required username='ABCKEY' password='se\"c\\'ret';",
+        )
+        .unwrap();
+        assert_eq!(jaas.option("username"), Some("ABCKEY"));
+        assert_eq!(jaas.option("password"), Some("se\"c'ret"));
+    }
+
+    #[test]
     fn jaas_without_the_final_semicolon_is_accepted() {
         let jaas = parse_jaas("x.ScramLoginModule required username=\"a\" password=\"b\"").unwrap();
         assert_eq!(jaas.option("password"), Some("b"));
@@ -446,7 +463,10 @@ mod tests {
             ("x.Module username=\"a\";", JaasError::MissingFlag),
             ("x.Module required username;", JaasError::MissingValue),
             ("x.Module required username=;", JaasError::MissingValue),
-            ("x.Module required password=\"abc;", JaasError::UnterminatedQuote),
+            (
+                "x.Module required password=\"abc;",
+                JaasError::UnterminatedQuote,
+            ),
             (
                 "x.Module required a=\"1\"; y.Module required b=\"2\";",
                 JaasError::SeveralModules,
