@@ -13,12 +13,17 @@ use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::types::RDKafkaErrorCode as Code;
 
 pub use preflight::{check_cluster, KafkaUnreachable, PREFLIGHT_DEADLINE};
-pub use settings::{KafkaSettings, KeyRule, SecurityProtocol, DEFAULT_BROKERS, KEY_RULES, OVERRIDES};
+pub use settings::{
+    KafkaSettings, KeyRule, SecurityProtocol, DEFAULT_BROKERS, KEY_RULES, OVERRIDES,
+};
 
 /// Settings of a producer whose acknowledged writes are durable and never duplicated by its own
 /// retries: acks from every in-sync replica, idempotence on, a few milliseconds of linger so
 /// that concurrent requests share one broker round trip.
-pub fn durable_producer_config(settings: &KafkaSettings, delivery_timeout: Duration) -> ClientConfig {
+pub fn durable_producer_config(
+    settings: &KafkaSettings,
+    delivery_timeout: Duration,
+) -> ClientConfig {
     let mut config = settings.client_config();
     config
         .set("enable.idempotence", "true")

@@ -266,8 +266,8 @@ impl KafkaSettings {
                 )
             })?),
         };
-        let has_credentials = draft.get("sasl.username").is_some()
-            || draft.get("sasl.password").is_some();
+        let has_credentials =
+            draft.get("sasl.username").is_some() || draft.get("sasl.password").is_some();
         let protocol = match protocol {
             Some(p) => p,
             // The Java default is PLAINTEXT too, but credentials without a protocol would then
@@ -362,10 +362,7 @@ impl KafkaSettings {
             ));
         }
 
-        let mut properties = vec![(
-            "security.protocol".to_owned(),
-            protocol.as_str().to_owned(),
-        )];
+        let mut properties = vec![("security.protocol".to_owned(), protocol.as_str().to_owned())];
         let mut secrets = Vec::new();
         for v in draft.values {
             if is_secret_key(&v.key) {
@@ -442,12 +439,14 @@ fn read_file(path: &Path, draft: &mut Draft) -> Result<(), ConfigError> {
     let metadata = std::fs::metadata(path)
         .map_err(|e| err(FILE_VAR, format!("cannot read `{shown}`: {e}")))?;
     if metadata.len() > super::properties::MAX_PROPERTIES_BYTES as u64 {
-        return Err(err(FILE_VAR, format!("`{shown}` is too large for a client properties file")));
+        return Err(err(
+            FILE_VAR,
+            format!("`{shown}` is too large for a client properties file"),
+        ));
     }
     let text = std::fs::read_to_string(path)
         .map_err(|e| err(FILE_VAR, format!("cannot read `{shown}`: {e}")))?;
-    let entries =
-        parse_properties(&text).map_err(|e| err(FILE_VAR, format!("`{shown}`: {e}")))?;
+    let entries = parse_properties(&text).map_err(|e| err(FILE_VAR, format!("`{shown}`: {e}")))?;
     // The truststore's type decides how its location is read, whatever the order of lines.
     let truststore_type = entries
         .iter()
@@ -574,7 +573,8 @@ fn apply_property(
 /// A CA given by path must exist and be PEM: librdkafka would otherwise fail later with a
 /// message that does not say which setting is wrong.
 fn check_pem_file(path: &str, var: &'static str) -> Result<(), ConfigError> {
-    let text = std::fs::read(path).map_err(|e| err(var, format!("cannot read the CA file `{path}`: {e}")))?;
+    let text = std::fs::read(path)
+        .map_err(|e| err(var, format!("cannot read the CA file `{path}`: {e}")))?;
     if String::from_utf8_lossy(&text).contains("-----BEGIN CERTIFICATE-----") {
         Ok(())
     } else {
@@ -648,7 +648,10 @@ mod tests {
         let s = settings(&[]).unwrap();
         assert_eq!(s.brokers(), DEFAULT_BROKERS);
         assert_eq!(s.security_protocol(), SecurityProtocol::Plaintext);
-        assert_eq!(value(&s, "bootstrap.servers").as_deref(), Some(DEFAULT_BROKERS));
+        assert_eq!(
+            value(&s, "bootstrap.servers").as_deref(),
+            Some(DEFAULT_BROKERS)
+        );
         assert_eq!(value(&s, "sasl.username"), None);
     }
 
@@ -673,7 +676,11 @@ mod tests {
             value(&s, "client.dns.lookup").as_deref(),
             Some("use_all_dns_ips")
         );
-        assert_eq!(value(&s, "key.serializer"), None, "Java-only: not passed on");
+        assert_eq!(
+            value(&s, "key.serializer"),
+            None,
+            "Java-only: not passed on"
+        );
         assert!(
             s.notes().iter().any(|n| n.contains("key.serializer")),
             "{:?}",
@@ -721,7 +728,10 @@ mod tests {
         assert_eq!(s.brokers(), "env:9093");
         assert_eq!(s.security_protocol(), SecurityProtocol::SaslSsl);
         assert_eq!(value(&s, "security.protocol").as_deref(), Some("SASL_SSL"));
-        assert_eq!(value(&s, "sasl.mechanism").as_deref(), Some("SCRAM-SHA-256"));
+        assert_eq!(
+            value(&s, "sasl.mechanism").as_deref(),
+            Some("SCRAM-SHA-256")
+        );
         assert_eq!(value(&s, "sasl.username").as_deref(), Some("env-user"));
         assert_eq!(value(&s, "sasl.password").as_deref(), Some(PASSWORD));
         assert_eq!(value(&s, "ssl.ca.location"), Some(ca_path));
@@ -762,8 +772,11 @@ mod tests {
 
     #[test]
     fn credentials_that_would_be_dropped_are_refused() {
-        let e = settings(&[("KAFKA_SASL_USERNAME", "u"), ("KAFKA_SASL_PASSWORD", PASSWORD)])
-            .unwrap_err();
+        let e = settings(&[
+            ("KAFKA_SASL_USERNAME", "u"),
+            ("KAFKA_SASL_PASSWORD", PASSWORD),
+        ])
+        .unwrap_err();
         assert_eq!(e.var, "KAFKA_SECURITY_PROTOCOL");
         let e = settings(&[
             ("KAFKA_SECURITY_PROTOCOL", "SSL"),
@@ -805,7 +818,9 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.var, "KAFKA_SASL_PASSWORD");
         assert_eq!(
-            settings(&[("KAFKA_SECURITY_PROTOCOL", "TLS")]).unwrap_err().var,
+            settings(&[("KAFKA_SECURITY_PROTOCOL", "TLS")])
+                .unwrap_err()
+                .var,
             "KAFKA_SECURITY_PROTOCOL"
         );
     }
@@ -838,7 +853,10 @@ mod tests {
         assert!(e.problem.contains("convert it to PEM"), "{e}");
         let binary = TempFile::new("\u{fe}\u{ed}\u{fe}\u{ed}not pem");
         let e = with_file(
-            &format!("security.protocol=SSL\nssl.truststore.location={}\n", binary.path()),
+            &format!(
+                "security.protocol=SSL\nssl.truststore.location={}\n",
+                binary.path()
+            ),
             &[],
         )
         .unwrap_err();
@@ -885,7 +903,10 @@ mod tests {
                 config.set(key, "x");
                 !matches!(
                     config.create_native_config(),
-                    Err(KafkaError::ClientConfig(rdkafka::types::RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN, ..))
+                    Err(KafkaError::ClientConfig(
+                        rdkafka::types::RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN,
+                        ..
+                    ))
                 )
             };
             match rule {
