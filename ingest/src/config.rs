@@ -155,6 +155,31 @@ mod tests {
     }
 
     #[test]
+    fn kafka_security_comes_from_the_kafka_variables_and_debug_hides_the_password() {
+        let c = config(&[
+            ("STRIPE_WEBHOOK_SECRETS", "whsec_a"),
+            ("KAFKA_BROKERS", "b1:9093"),
+            ("KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+            ("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+            ("KAFKA_SASL_USERNAME", "svc"),
+            ("KAFKA_SASL_PASSWORD", "pa55-word-xyz"),
+        ])
+        .unwrap();
+        let client = c.kafka.client_config();
+        assert_eq!(client.get("bootstrap.servers"), Some("b1:9093"));
+        assert_eq!(client.get("sasl.password"), Some("pa55-word-xyz"));
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("pa55-word-xyz"), "{shown}");
+        assert!(!shown.contains("whsec_a"), "{shown}");
+        let e = config(&[
+            ("STRIPE_WEBHOOK_SECRETS", "whsec_a"),
+            ("KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.var, "KAFKA_SASL_MECHANISM");
+    }
+
+    #[test]
     fn missing_secrets_name_the_variable() {
         let e = config(&[]).unwrap_err();
         assert_eq!(e.var, "STRIPE_WEBHOOK_SECRETS");
