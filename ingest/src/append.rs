@@ -8,7 +8,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use shared::envelope::header;
-use shared::kafka::durable_producer_config;
+use shared::kafka::{durable_producer_config, KafkaSettings};
 use shared::{EventEnvelope, EventSource};
 
 use crate::metrics::Metrics;
@@ -65,12 +65,12 @@ pub struct EventLog {
 
 impl EventLog {
     pub fn new(
-        brokers: &str,
+        kafka: &KafkaSettings,
         events_topic: &str,
         dlq_topic: &str,
         timeout: Duration,
     ) -> Result<Self, KafkaError> {
-        let producer: FutureProducer = durable_producer_config(brokers, timeout).create()?;
+        let producer: FutureProducer = durable_producer_config(kafka, timeout).create()?;
         Ok(EventLog {
             producer,
             events_topic: events_topic.to_owned(),

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use shared::kafka::{ensure_topics, TopicSpec};
+use shared::kafka::{
+    check_cluster, ensure_topics, KafkaUnreachable, TopicSpec, PREFLIGHT_DEADLINE,
+};
 
 use crate::append::EventLog;
 use crate::backfill::{self, BackfillError, BackfillOptions, Resource};
@@ -110,6 +112,8 @@ pub enum CommandError {
     MissingApiKey,
     #[error("invalid --since: {0}")]
     Since(#[from] SinceError),
+    #[error("{0}")]
+    KafkaUnreachable(#[from] KafkaUnreachable),
     #[error("cannot create the Kafka topics: {0}")]
     Topics(#[from] shared::kafka::TopicError),
     #[error("cannot create the Kafka producer: {0}")]
@@ -127,7 +131,9 @@ impl CommandError {
         match self {
             CommandError::Config(_) | CommandError::MissingApiKey => "invalid_configuration",
             CommandError::Since(_) => "invalid_since",
-            CommandError::Topics(_) | CommandError::Producer(_) => "kafka_unavailable",
+            CommandError::KafkaUnreachable(_)
+            | CommandError::Topics(_)
+            | CommandError::Producer(_) => "kafka_unavailable",
             CommandError::Client(e) => e.code(),
             CommandError::Backfill(e) => e.code(),
             CommandError::Reconcile(e) => e.code(),
@@ -169,8 +175,9 @@ async fn target(api: &ApiArgs) -> Result<Target, CommandError> {
             ..RetryPolicy::default()
         },
     })?;
+    check_cluster(&log_config.kafka, PREFLIGHT_DEADLINE).await?;
     ensure_topics(
-        &log_config.kafka_brokers,
+        &log_config.kafka,
         &[TopicSpec::event_log(
             &log_config.events_topic,
             log_config.events_partitions,
@@ -179,7 +186,7 @@ async fn target(api: &ApiArgs) -> Result<Target, CommandError> {
     )
     .await?;
     let log = EventLog::new(
-        &log_config.kafka_brokers,
+        &log_config.kafka,
         &log_config.events_topic,
         &log_config.dlq_topic,
         log_config.append_timeout,

@@ -6,13 +6,15 @@ use std::time::Duration;
 use secrecy::SecretString;
 pub use shared::config::ConfigError;
 use shared::config::{err, num, topic};
+use shared::kafka::KafkaSettings;
 
 use crate::signature::DEFAULT_TOLERANCE_SECS;
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// `KAFKA_BROKERS`: bootstrap servers.
-    pub kafka_brokers: String,
+    /// `KAFKA_BROKERS`, `KAFKA_CLIENT_PROPERTIES` and the `KAFKA_*` security overrides: how
+    /// every Kafka client of this service connects (secrets redacted in Debug).
+    pub kafka: KafkaSettings,
     /// `STRIPE_WEBHOOK_SECRETS`: comma-separated `whsec_…`; a signature by any of them passes.
     pub webhook_secrets: Vec<SecretString>,
     /// `SIGNATURE_TOLERANCE_SECS`: max age of the signed timestamp, seconds, > 0.
@@ -95,7 +97,7 @@ impl ApiConfig {
 /// Where `backfill` and `reconcile` append: the raw log, with the service's own settings.
 #[derive(Debug, Clone)]
 pub struct LogConfig {
-    pub kafka_brokers: String,
+    pub kafka: KafkaSettings,
     pub events_topic: String,
     pub dlq_topic: String,
     pub events_partitions: i32,
@@ -116,7 +118,7 @@ impl LogConfig {
             other => lookup(other),
         })?;
         Ok(LogConfig {
-            kafka_brokers: config.kafka_brokers,
+            kafka: config.kafka,
             events_topic: config.events_topic,
             dlq_topic: config.dlq_topic,
             events_partitions: config.events_partitions,
@@ -173,7 +175,7 @@ impl Config {
             return Err(err("APPEND_TIMEOUT_MS", "must be at least 100"));
         }
         Ok(Config {
-            kafka_brokers: get("KAFKA_BROKERS").unwrap_or_else(|| "127.0.0.1:9092".into()),
+            kafka: KafkaSettings::from_lookup(&lookup)?,
             webhook_secrets,
             signature_tolerance_secs,
             max_body_bytes,
@@ -226,7 +228,7 @@ mod tests {
     #[test]
     fn defaults_apply_when_only_the_secret_is_set() {
         let c = config(&[("STRIPE_WEBHOOK_SECRETS", "whsec_a")]).unwrap();
-        assert_eq!(c.kafka_brokers, "127.0.0.1:9092");
+        assert_eq!(c.kafka.brokers(), "127.0.0.1:9092");
         assert_eq!(c.signature_tolerance_secs, 300);
         assert_eq!(c.max_body_bytes, 1_048_576);
         assert_eq!(c.addr.to_string(), "127.0.0.1:8080");
@@ -244,6 +246,31 @@ mod tests {
             .map(|s| s.expose_secret())
             .collect();
         assert_eq!(got, ["whsec_a", "whsec_b"]);
+    }
+
+    #[test]
+    fn kafka_security_comes_from_the_kafka_variables_and_debug_hides_the_password() {
+        let c = config(&[
+            ("STRIPE_WEBHOOK_SECRETS", "whsec_a"),
+            ("KAFKA_BROKERS", "b1:9093"),
+            ("KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+            ("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+            ("KAFKA_SASL_USERNAME", "svc"),
+            ("KAFKA_SASL_PASSWORD", "pa55-word-xyz"),
+        ])
+        .unwrap();
+        let client = c.kafka.client_config();
+        assert_eq!(client.get("bootstrap.servers"), Some("b1:9093"));
+        assert_eq!(client.get("sasl.password"), Some("pa55-word-xyz"));
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("pa55-word-xyz"), "{shown}");
+        assert!(!shown.contains("whsec_a"), "{shown}");
+        let e = config(&[
+            ("STRIPE_WEBHOOK_SECRETS", "whsec_a"),
+            ("KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+        ])
+        .unwrap_err();
+        assert_eq!(e.var, "KAFKA_SASL_MECHANISM");
     }
 
     #[test]
@@ -311,7 +338,7 @@ mod tests {
         })
         .unwrap();
         assert_eq!(log.events_topic, "custom.events");
-        assert_eq!(log.kafka_brokers, "127.0.0.1:9092");
+        assert_eq!(log.kafka.brokers(), "127.0.0.1:9092");
     }
 
     #[test]

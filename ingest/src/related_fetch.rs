@@ -65,7 +65,7 @@ pub fn start(
         retry: RetryPolicy::default(),
     })?;
     let log = EventLog::new(
-        &config.kafka_brokers,
+        &config.kafka,
         &config.events_topic,
         &config.dlq_topic,
         config.append_timeout,

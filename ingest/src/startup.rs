@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use actix_web::dev::Server;
 use actix_web::{web, App, HttpServer};
-use shared::kafka::{ensure_topics, TopicSpec};
+use shared::kafka::{
+    check_cluster, ensure_topics, KafkaUnreachable, TopicSpec, PREFLIGHT_DEADLINE,
+};
 
 use crate::append::EventLog;
 use crate::config::Config;
@@ -26,6 +28,9 @@ pub struct AppState {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
+    /// Already names the broker and the cause: `kafka 127.0.0.1:9093: SASL authentication …`.
+    #[error("{0}")]
+    KafkaUnreachable(#[from] KafkaUnreachable),
     #[error("cannot create the Kafka topics: {0}")]
     Topics(#[from] shared::kafka::TopicError),
     #[error("cannot create the Kafka producer: {0}")]
@@ -50,8 +55,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 
 impl Application {
     pub async fn build(config: Config) -> Result<Self, StartupError> {
+        check_cluster(&config.kafka, PREFLIGHT_DEADLINE).await?;
         ensure_topics(
-            &config.kafka_brokers,
+            &config.kafka,
             &[
                 TopicSpec::event_log(&config.events_topic, config.events_partitions),
                 TopicSpec::dead_letters(&config.dlq_topic),
@@ -60,7 +66,7 @@ impl Application {
         )
         .await?;
         let log = EventLog::new(
-            &config.kafka_brokers,
+            &config.kafka,
             &config.events_topic,
             &config.dlq_topic,
             config.append_timeout,

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::ClientConfig;
 use sqlx::{Connection, PgConnection};
 
 const STATUSES: &[&str] = &[
@@ -28,16 +27,14 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let events: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(100_000);
     let customers: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(10_000);
-    let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let kafka = shared::kafka::KafkaSettings::from_env().unwrap();
+    let brokers = kafka.brokers().to_owned();
     let admin_url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://stripe:stripe@127.0.0.1:5432/stripe_pipeline".into());
     let run = format!("bench_{}", std::process::id());
     let topic = format!("{run}.events");
 
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .unwrap();
+    let admin: AdminClient<DefaultClientContext> = kafka.client_config().create().unwrap();
     let new_topic = NewTopic::new(&topic, 6, TopicReplication::Fixed(1)).set("retention.ms", "-1");
     admin
         .create_topics(&[new_topic], &AdminOptions::new())
@@ -48,11 +45,17 @@ async fn main() {
         .execute(&mut db)
         .await
         .unwrap();
-    let database_url = format!("{}/{run}", &admin_url[..admin_url.rfind('/').unwrap()]);
+    // Same server and options (sslmode, sslrootcert), another database.
+    let (base, query) = admin_url.split_once('?').unwrap_or((&admin_url, ""));
+    let database_url = format!(
+        "{}/{run}{}{query}",
+        &base[..base.rfind('/').unwrap()],
+        if query.is_empty() { "" } else { "?" }
+    );
 
     // Produce: each customer walks through statuses and plans, one event per step.
     let producer: FutureProducer =
-        shared::kafka::durable_producer_config(&brokers, Duration::from_secs(60))
+        shared::kafka::durable_producer_config(&kafka, Duration::from_secs(60))
             .set("linger.ms", "20")
             .set("batch.num.messages", "10000")
             .create()

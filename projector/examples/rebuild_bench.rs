@@ -16,7 +16,6 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::ClientConfig;
 use sqlx::{Connection, PgConnection};
 
 const PARTITIONS: i32 = 6;
@@ -37,16 +36,14 @@ async fn main() {
         .get(2)
         .and_then(|a| a.parse().ok())
         .unwrap_or((events / 10).max(1));
-    let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let kafka = shared::kafka::KafkaSettings::from_env().expect("Kafka settings");
     let admin_url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://stripe:stripe@127.0.0.1:5432/stripe_pipeline".into());
     let run = format!("rebuild_bench_{}", std::process::id());
     let topic = format!("{run}.events");
 
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()
-        .expect("admin client");
+    let admin: AdminClient<DefaultClientContext> =
+        kafka.client_config().create().expect("admin client");
     let new_topic =
         NewTopic::new(&topic, PARTITIONS, TopicReplication::Fixed(1)).set("retention.ms", "-1");
     admin
@@ -61,7 +58,7 @@ async fn main() {
     let database_url = format!("{}/{run}", &admin_url[..admin_url.rfind('/').unwrap()]);
 
     let produce_started = Instant::now();
-    let bytes = produce(&brokers, &topic, events, customers, &run).await;
+    let bytes = produce(&kafka, &topic, events, customers, &run).await;
     let produce_secs = produce_started.elapsed().as_secs_f64();
 
     let mapping = std::env::temp_dir().join(format!("{run}.toml"));
@@ -69,7 +66,7 @@ async fn main() {
     let projector =
         std::env::var("PROJECTOR_BIN").unwrap_or_else(|_| "target/release/projector".into());
     let env = [
-        ("KAFKA_BROKERS", brokers.clone()),
+        ("KAFKA_BROKERS", kafka.brokers().to_owned()),
         ("DATABASE_URL", database_url.clone()),
         ("STRIPE_EVENTS_TOPIC", topic.clone()),
         ("ENTITLEMENTS_TOPIC", format!("{run}.changes")),
@@ -87,8 +84,8 @@ async fn main() {
     assert!(migrated.status.success(), "projector migrate failed");
 
     // Live's offsets at the end of the log: the rebuild replays all of it.
-    let watermarks: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
+    let watermarks: BaseConsumer = kafka
+        .client_config()
         .set("group.id", format!("{run}-watermarks"))
         .create()
         .expect("consumer");
@@ -178,9 +175,15 @@ async fn main() {
 
 /// Each customer: `customer.created`, then a subscription walking through statuses and plans,
 /// with an `invoice.paid` per period and the odd `customer.updated`. Returns the bytes produced.
-async fn produce(brokers: &str, topic: &str, events: u64, customers: u64, run: &str) -> u64 {
+async fn produce(
+    kafka: &shared::kafka::KafkaSettings,
+    topic: &str,
+    events: u64,
+    customers: u64,
+    run: &str,
+) -> u64 {
     let producer: FutureProducer =
-        shared::kafka::durable_producer_config(brokers, Duration::from_secs(60))
+        shared::kafka::durable_producer_config(kafka, Duration::from_secs(60))
             .set("linger.ms", "20")
             .set("batch.num.messages", "10000")
             .create()

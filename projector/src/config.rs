@@ -7,13 +7,15 @@ use std::time::Duration;
 use secrecy::SecretString;
 pub use shared::config::ConfigError;
 use shared::config::{err, num, topic};
+use shared::kafka::KafkaSettings;
 
 use crate::projection::EntitlementPolicy;
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// `KAFKA_BROKERS`: bootstrap servers.
-    pub kafka_brokers: String,
+    /// `KAFKA_BROKERS`, `KAFKA_CLIENT_PROPERTIES` and the `KAFKA_*` security overrides: how
+    /// every Kafka client of this service connects (secrets redacted in Debug).
+    pub kafka: KafkaSettings,
     /// `DATABASE_URL`: the projections database (contains a password: a secret).
     pub database_url: SecretString,
     /// `PROJECTOR_ADDR`: read API, health and metrics.
@@ -142,7 +144,7 @@ impl Config {
             ));
         }
         Ok(Config {
-            kafka_brokers: get("KAFKA_BROKERS").unwrap_or_else(|| "127.0.0.1:9092".into()),
+            kafka: KafkaSettings::from_lookup(&lookup)?,
             database_url: SecretString::from(database_url),
             addr,
             events_topic: topic(

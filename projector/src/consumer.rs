@@ -12,7 +12,7 @@ use rdkafka::consumer::{
 };
 use rdkafka::message::Message;
 use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio::sync::watch;
 
@@ -117,8 +117,9 @@ pub fn create_consumer(
         topic: config.events_topic.clone(),
         stored: Mutex::new(stored.into_iter().collect()),
     };
-    ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka_brokers)
+    config
+        .kafka
+        .client_config()
         .set("group.id", &config.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")

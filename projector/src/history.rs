@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use shared::EventEnvelope;
 
@@ -102,8 +102,9 @@ pub fn read_customer_events(
     customer: &str,
 ) -> Result<Vec<ProjectedEvent>, String> {
     let key = shared::envelope::scoped_key(account, customer);
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka_brokers)
+    let consumer: BaseConsumer = config
+        .kafka
+        .client_config()
         .set("group.id", format!("{}-history", config.group_id))
         .set("enable.auto.commit", "false")
         .create()

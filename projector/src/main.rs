@@ -100,6 +100,9 @@ async fn run(command: Command, config: Config) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Rebuild { dry_run, json } => {
+            startup::kafka_reachable(&config)
+                .await
+                .map_err(|e| e.to_string())?;
             let options = projector::rebuild::RebuildOptions { dry_run };
             let report = projector::rebuild::rebuild(&config, options)
                 .await
@@ -156,6 +159,9 @@ async fn run(command: Command, config: Config) -> Result<ExitCode, String> {
             at,
             json,
         } => {
+            startup::kafka_reachable(&config)
+                .await
+                .map_err(|e| e.to_string())?;
             let until = at;
             let events =
                 projector::history::read_customer_events(&config, account.as_deref(), &customer)?;

@@ -1472,7 +1472,7 @@ fn large_log() -> impl Iterator<Item = (String, String)> {
 /// A producer straight to the log (not through ingest): the large log is for the rebuild, and
 /// signing and POSTing 300,000 webhooks would take most of the test's time.
 fn log_producer() -> rdkafka::producer::FutureProducer {
-    shared::kafka::durable_producer_config(&brokers(), Duration::from_secs(60))
+    shared::kafka::durable_producer_config(&kafka_settings(), Duration::from_secs(60))
         .set("linger.ms", "20")
         .set("batch.num.messages", "10000")
         .create()

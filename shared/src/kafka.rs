@@ -1,5 +1,9 @@
 //! Kafka client settings and topic settings shared by both services.
 
+mod preflight;
+pub mod properties;
+mod settings;
+
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -8,13 +12,20 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::types::RDKafkaErrorCode as Code;
 
+pub use preflight::{check_cluster, KafkaUnreachable, PREFLIGHT_DEADLINE};
+pub use settings::{
+    KafkaSettings, KeyRule, SecurityProtocol, DEFAULT_BROKERS, KEY_RULES, OVERRIDES,
+};
+
 /// Settings of a producer whose acknowledged writes are durable and never duplicated by its own
 /// retries: acks from every in-sync replica, idempotence on, a few milliseconds of linger so
 /// that concurrent requests share one broker round trip.
-pub fn durable_producer_config(brokers: &str, delivery_timeout: Duration) -> ClientConfig {
-    let mut config = ClientConfig::new();
+pub fn durable_producer_config(
+    settings: &KafkaSettings,
+    delivery_timeout: Duration,
+) -> ClientConfig {
+    let mut config = settings.client_config();
     config
-        .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
@@ -85,13 +96,11 @@ pub enum TopicError {
 /// Creates the topics that are missing; existing topics are left as they are, so a cluster
 /// whose topics are provisioned by its operators needs no admin rights.
 pub async fn ensure_topics(
-    brokers: &str,
+    settings: &KafkaSettings,
     topics: &[TopicSpec],
     timeout: Duration,
 ) -> Result<(), TopicError> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()?;
+    let admin: AdminClient<DefaultClientContext> = settings.client_config().create()?;
     let existing: Vec<String> = {
         let metadata = admin.inner().fetch_metadata(None, timeout)?;
         metadata

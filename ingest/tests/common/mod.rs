@@ -10,12 +10,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 
 pub const SECRET: &str = "whsec_e2e_test_secret";
 
 pub fn brokers() -> String {
     std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// The settings the test's own Kafka clients use: the same variables as the services.
+pub fn kafka_settings() -> shared::kafka::KafkaSettings {
+    shared::kafka::KafkaSettings::from_env().expect("KAFKA_* settings")
 }
 
 /// A name no other test (or earlier run) uses.
@@ -184,8 +189,8 @@ pub fn event(id: &str, event_type: &str, object: serde_json::Value) -> String {
 /// Reads records from every partition of `topic` from the beginning until `count` have arrived,
 /// or the deadline passes (then returns what it has).
 pub fn read_records(topic: &str, count: usize, deadline: Duration) -> Vec<OwnedMessage> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+    let consumer: BaseConsumer = kafka_settings()
+        .client_config()
         .set("group.id", unique("e2e-reader"))
         .set("enable.auto.commit", "false")
         .create()

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use sqlx::postgres::PgPoolCopyExt;
 use sqlx::{PgPool, Row};
 
@@ -51,8 +51,9 @@ pub(super) struct LogReader {
 
 impl LogReader {
     pub(super) fn open(config: &Config, schema: &str) -> Result<Self, RebuildError> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &config.kafka_brokers)
+        let consumer: BaseConsumer = config
+            .kafka
+            .client_config()
             .set("group.id", format!("{}-{schema}", config.group_id))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")

@@ -53,3 +53,33 @@ pub async fn connect_in(
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
 }
+
+#[cfg(test)]
+mod tests {
+    use sqlx::postgres::PgConnectOptions;
+
+    /// `PgSslMode` has no `PartialEq`; its Debug name is the mode.
+    fn mode_of(url: &str) -> String {
+        let options: PgConnectOptions = url.parse().unwrap();
+        format!("{:?}", options.get_ssl_mode())
+    }
+
+    #[test]
+    fn database_urls_take_libpqs_tls_modes_and_root_certificate() {
+        for (mode, want) in [
+            ("disable", "Disable"),
+            ("prefer", "Prefer"),
+            ("require", "Require"),
+            ("verify-ca", "VerifyCa"),
+            ("verify-full", "VerifyFull"),
+        ] {
+            let url =
+                format!("postgres://u:p@db.example:5432/x?sslmode={mode}&sslrootcert=/etc/ca.pem");
+            assert_eq!(mode_of(&url), want, "{mode}");
+        }
+        assert_eq!(mode_of("postgres://u:p@db.example/x"), "Prefer");
+        assert!("postgres://u:p@db.example/x?sslmode=sometimes"
+            .parse::<PgConnectOptions>()
+            .is_err());
+    }
+}

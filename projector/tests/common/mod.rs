@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 use sqlx::{Connection, PgConnection};
 
@@ -40,6 +40,11 @@ features = ["sso", "audit"]
 
 pub fn brokers() -> String {
     std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// The settings the test's own Kafka clients use: the same variables as the services.
+pub fn kafka_settings() -> shared::kafka::KafkaSettings {
+    shared::kafka::KafkaSettings::from_env().expect("KAFKA_* settings")
 }
 
 pub fn admin_database_url() -> String {
@@ -179,7 +184,7 @@ impl Drop for Service {
     }
 }
 
-fn binary(name: &str) -> PathBuf {
+pub fn binary(name: &str) -> PathBuf {
     // Both binaries live in the same target directory; `cargo test --workspace` builds them.
     let projector = PathBuf::from(env!("CARGO_BIN_EXE_projector"));
     let path = projector.with_file_name(name);
@@ -195,6 +200,60 @@ fn binary(name: &str) -> PathBuf {
 pub struct Options {
     pub entitlements: String,
     pub extra_env: Vec<(String, String)>,
+    pub endpoints: Endpoints,
+}
+
+/// Where the services find Kafka and Postgres: the plaintext endpoints, or the secured ones
+/// `scripts/stack` also serves (SPEC §12).
+#[derive(Clone, Debug)]
+pub struct Endpoints {
+    /// `KAFKA_BROKERS` and, when secured, `KAFKA_CLIENT_PROPERTIES` for both services.
+    pub kafka_env: Vec<(String, String)>,
+    /// A database URL on the server where test databases are created (its query is kept).
+    pub admin_database_url: String,
+}
+
+impl Default for Endpoints {
+    fn default() -> Self {
+        Endpoints {
+            kafka_env: vec![("KAFKA_BROKERS".to_owned(), brokers())],
+            admin_database_url: admin_database_url(),
+        }
+    }
+}
+
+impl Endpoints {
+    /// `KAFKA_SECURE_BROKERS` with `KAFKA_SECURE_CLIENT_PROPERTIES` and `DATABASE_URL_TLS`,
+    /// from `scripts/stack up` (scripts/test exports them).
+    pub fn secured() -> Self {
+        let var = |name: &str| {
+            std::env::var(name).unwrap_or_else(|_| {
+                panic!("{name} is unset: run under scripts/test or eval \"$(scripts/stack env)\"")
+            })
+        };
+        Endpoints {
+            kafka_env: vec![
+                ("KAFKA_BROKERS".to_owned(), var("KAFKA_SECURE_BROKERS")),
+                (
+                    "KAFKA_CLIENT_PROPERTIES".to_owned(),
+                    var("KAFKA_SECURE_CLIENT_PROPERTIES"),
+                ),
+            ],
+            admin_database_url: var("DATABASE_URL_TLS"),
+        }
+    }
+}
+
+/// `url` with its database replaced, keeping the options (`?sslmode=…&sslrootcert=…`).
+pub fn database_url_for(url: &str, database: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let server = &base[..base.rfind('/').expect("a database URL with a path")];
+    match query {
+        Some(query) => format!("{server}/{database}?{query}"),
+        None => format!("{server}/{database}"),
+    }
 }
 
 impl Default for Options {
@@ -202,6 +261,7 @@ impl Default for Options {
         Options {
             entitlements: ENTITLEMENTS.to_owned(),
             extra_env: Vec::new(),
+            endpoints: Endpoints::default(),
         }
     }
 }
@@ -235,15 +295,14 @@ impl Pipeline {
     pub async fn start(options: Options) -> Pipeline {
         let name = unique("e2e");
         let database = name.to_lowercase();
-        let mut admin = PgConnection::connect(&admin_database_url())
+        let mut admin = PgConnection::connect(&options.endpoints.admin_database_url)
             .await
             .expect("connect to Postgres (scripts/stack up)");
         sqlx::query(&format!("CREATE DATABASE {database}"))
             .execute(&mut admin)
             .await
             .unwrap();
-        let base = admin_database_url();
-        let database_url = format!("{}/{database}", &base[..base.rfind('/').unwrap()]);
+        let database_url = database_url_for(&options.endpoints.admin_database_url, &database);
         let entitlements_path = std::env::temp_dir().join(format!("{name}.toml"));
         std::fs::write(&entitlements_path, &options.entitlements).unwrap();
         let events_topic = format!("{name}.events");
@@ -253,7 +312,7 @@ impl Pipeline {
             "ingest",
             binary("ingest"),
             &[],
-            &ingest_env(&events_topic, &dlq_topic),
+            &ingest_env(&options.endpoints.kafka_env, &events_topic, &dlq_topic),
             "ingest listening",
         );
         let mut pipeline = Pipeline {
@@ -281,7 +340,11 @@ impl Pipeline {
             "ingest",
             binary("ingest"),
             &[],
-            &ingest_env(&self.events_topic, &self.dlq_topic),
+            &ingest_env(
+                &self.options.endpoints.kafka_env,
+                &self.events_topic,
+                &self.dlq_topic,
+            ),
             "ingest listening",
         );
     }
@@ -298,7 +361,11 @@ impl Pipeline {
             .args(args)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default());
-        for (k, v) in ingest_env(&self.events_topic, &self.dlq_topic) {
+        for (k, v) in ingest_env(
+            &self.options.endpoints.kafka_env,
+            &self.events_topic,
+            &self.dlq_topic,
+        ) {
             command.env(k, v);
         }
         for (k, v) in extra_env {
@@ -308,8 +375,8 @@ impl Pipeline {
     }
 
     pub fn projector_env(&self) -> Vec<(String, String)> {
-        let mut env = vec![
-            ("KAFKA_BROKERS".to_owned(), brokers()),
+        let mut env = self.options.endpoints.kafka_env.clone();
+        env.extend([
             ("DATABASE_URL".to_owned(), self.database_url.clone()),
             ("PROJECTOR_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
             ("STRIPE_EVENTS_TOPIC".to_owned(), self.events_topic.clone()),
@@ -322,7 +389,7 @@ impl Pipeline {
             ),
             ("API_TOKEN".to_owned(), TOKEN.to_owned()),
             ("PROJECTOR_GROUP".to_owned(), self.group.clone()),
-        ];
+        ]);
         env.extend(self.options.extra_env.iter().cloned());
         env
     }
@@ -477,15 +544,21 @@ impl Pipeline {
     }
 }
 
-fn ingest_env(events_topic: &str, dlq_topic: &str) -> Vec<(String, String)> {
-    vec![
-        ("KAFKA_BROKERS".to_owned(), brokers()),
+/// The ingest environment of a pipeline: its Kafka endpoint (plain or secured) and topics.
+fn ingest_env(
+    kafka_env: &[(String, String)],
+    events_topic: &str,
+    dlq_topic: &str,
+) -> Vec<(String, String)> {
+    let mut env = kafka_env.to_vec();
+    env.extend([
         ("STRIPE_WEBHOOK_SECRETS".to_owned(), SECRET.to_owned()),
         ("INGEST_ADDR".to_owned(), "127.0.0.1:0".to_owned()),
         ("STRIPE_EVENTS_TOPIC".to_owned(), events_topic.to_owned()),
         ("DLQ_TOPIC".to_owned(), dlq_topic.to_owned()),
         ("STRIPE_EVENTS_PARTITIONS".to_owned(), "3".to_owned()),
-    ]
+    ]);
+    env
 }
 
 /// Every projection table, each ordered by its key, so two snapshots compare row by row.
@@ -562,8 +635,8 @@ impl Drop for Pipeline {
 
 /// Reads every record a topic holds now: from the beginning to each partition's high watermark.
 pub fn read_topic_to_end(topic: &str) -> Vec<OwnedMessage> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+    let consumer: BaseConsumer = kafka_settings()
+        .client_config()
         .set("group.id", unique("e2e-reader"))
         .set("enable.auto.commit", "false")
         .create()
@@ -610,8 +683,8 @@ pub fn read_topic_to_end(topic: &str) -> Vec<OwnedMessage> {
 
 /// Reads a topic from the beginning of every partition until `count` records or the deadline.
 pub fn read_topic(topic: &str, count: usize, deadline: Duration) -> Vec<OwnedMessage> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+    let consumer: BaseConsumer = kafka_settings()
+        .client_config()
         .set("group.id", unique("e2e-reader"))
         .set("enable.auto.commit", "false")
         .create()
