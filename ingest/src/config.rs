@@ -30,6 +30,15 @@ pub struct Config {
     /// `APPEND_TIMEOUT_MS`: how long a request waits for the broker's acknowledgement before
     /// answering 503, milliseconds.
     pub append_timeout: Duration,
+    /// `HTTP_HEAD_TIMEOUT_MS`: how long a connection may take to send a request's head (request
+    /// line and headers) before it gets 408 and is closed, milliseconds. Bounds slow-loris
+    /// headers.
+    pub head_read_timeout: Duration,
+    /// `HTTP_BODY_TIMEOUT_MS`: how long a request may take to send its body once its head is
+    /// in, milliseconds; then it gets 408 `request_timeout`. Bounds slow-loris bodies.
+    pub body_read_timeout: Duration,
+    /// `HTTP_KEEP_ALIVE_SECS`: how long an idle connection is kept open between requests.
+    pub keep_alive: Duration,
 }
 
 impl Config {
@@ -79,6 +88,13 @@ impl Config {
         if append_timeout_ms < 100 {
             return Err(err("APPEND_TIMEOUT_MS", "must be at least 100"));
         }
+        let head_read_timeout = millis(get("HTTP_HEAD_TIMEOUT_MS"), "HTTP_HEAD_TIMEOUT_MS", 5_000)?;
+        let body_read_timeout =
+            millis(get("HTTP_BODY_TIMEOUT_MS"), "HTTP_BODY_TIMEOUT_MS", 10_000)?;
+        let keep_alive_secs: u64 = num(get("HTTP_KEEP_ALIVE_SECS"), "HTTP_KEEP_ALIVE_SECS", 75)?;
+        if keep_alive_secs == 0 {
+            return Err(err("HTTP_KEEP_ALIVE_SECS", "must be at least 1"));
+        }
         Ok(Config {
             kafka_brokers: get("KAFKA_BROKERS").unwrap_or_else(|| "127.0.0.1:9092".into()),
             webhook_secrets,
@@ -93,8 +109,23 @@ impl Config {
             dlq_topic: topic(get("DLQ_TOPIC"), "DLQ_TOPIC", "stripe.events.dlq")?,
             events_partitions,
             append_timeout: Duration::from_millis(append_timeout_ms),
+            head_read_timeout,
+            body_read_timeout,
+            keep_alive: Duration::from_secs(keep_alive_secs),
         })
     }
+}
+
+/// A read deadline in milliseconds: at least 100, because 0 would switch actix's deadline off.
+fn millis(value: Option<String>, var: &'static str, default: u64) -> Result<Duration, ConfigError> {
+    let ms: u64 = num(value, var, default)?;
+    if ms < 100 {
+        return Err(err(
+            var,
+            "must be at least 100 (0 would disable the deadline)",
+        ));
+    }
+    Ok(Duration::from_millis(ms))
 }
 
 fn parse_secrets(raw: &str) -> Result<Vec<SecretString>, ConfigError> {
@@ -139,6 +170,9 @@ mod tests {
         assert_eq!(c.events_topic, "stripe.events");
         assert_eq!(c.dlq_topic, "stripe.events.dlq");
         assert_eq!(c.append_timeout, Duration::from_secs(10));
+        assert_eq!(c.head_read_timeout, Duration::from_secs(5));
+        assert_eq!(c.body_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.keep_alive, Duration::from_secs(75));
     }
 
     #[test]
@@ -187,6 +221,9 @@ mod tests {
             ("DLQ_TOPIC", "x/y"),
             ("STRIPE_EVENTS_PARTITIONS", "0"),
             ("APPEND_TIMEOUT_MS", "5"),
+            ("HTTP_HEAD_TIMEOUT_MS", "0"),
+            ("HTTP_BODY_TIMEOUT_MS", "soon"),
+            ("HTTP_KEEP_ALIVE_SECS", "0"),
         ] {
             let e = config(&[("STRIPE_WEBHOOK_SECRETS", "whsec_a"), (var, value)]).unwrap_err();
             assert_eq!(e.var, var, "{var}={value}");

@@ -6,6 +6,7 @@
 pub mod config;
 pub mod envelope;
 pub mod kafka;
+pub mod limits;
 pub mod metrics;
 pub mod telemetry;
 
