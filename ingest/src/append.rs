@@ -69,8 +69,10 @@ impl EventLog {
         events_topic: &str,
         dlq_topic: &str,
         timeout: Duration,
+        max_record_bytes: usize,
     ) -> Result<Self, KafkaError> {
-        let producer: FutureProducer = durable_producer_config(kafka, timeout).create()?;
+        let producer: FutureProducer =
+            durable_producer_config(kafka, timeout, max_record_bytes).create()?;
         Ok(EventLog {
             producer,
             events_topic: events_topic.to_owned(),

@@ -178,10 +178,10 @@ async fn target(api: &ApiArgs) -> Result<Target, CommandError> {
     check_cluster(&log_config.kafka, PREFLIGHT_DEADLINE).await?;
     ensure_topics(
         &log_config.kafka,
-        &[TopicSpec::event_log(
-            &log_config.events_topic,
-            log_config.events_partitions,
-        )],
+        &[
+            TopicSpec::event_log(&log_config.events_topic, log_config.events_partitions)
+                .holding(log_config.record_bytes),
+        ],
         Duration::from_secs(30),
     )
     .await?;
@@ -190,6 +190,7 @@ async fn target(api: &ApiArgs) -> Result<Target, CommandError> {
         &log_config.events_topic,
         &log_config.dlq_topic,
         log_config.append_timeout,
+        log_config.record_bytes,
     )?;
     tracing::info!(topic = %log_config.events_topic, rate, account = ?api.account, "reading the Stripe API");
     Ok(Target {

@@ -32,6 +32,15 @@ pub struct Config {
     /// `APPEND_TIMEOUT_MS`: how long a request waits for the broker's acknowledgement before
     /// answering 503, milliseconds.
     pub append_timeout: Duration,
+    /// `HTTP_HEAD_TIMEOUT_MS`: how long a connection may take to send a request's head (request
+    /// line and headers) before it gets 408 and is closed, milliseconds. Bounds slow-loris
+    /// headers.
+    pub head_read_timeout: Duration,
+    /// `HTTP_BODY_TIMEOUT_MS`: how long a request may take to send its body once its head is
+    /// in, milliseconds; then it gets 408 `request_timeout`. Bounds slow-loris bodies.
+    pub body_read_timeout: Duration,
+    /// `HTTP_KEEP_ALIVE_SECS`: how long an idle connection is kept open between requests.
+    pub keep_alive: Duration,
     /// `STRIPE_API_KEY` and friends: when set, ingest fetches the object a thin event names.
     pub stripe_api: Option<ApiConfig>,
 }
@@ -102,6 +111,9 @@ pub struct LogConfig {
     pub dlq_topic: String,
     pub events_partitions: i32,
     pub append_timeout: Duration,
+    /// The largest record the log must take (`MAX_BODY_BYTES` with its headers), as for
+    /// webhooks: an object fetched from the API is appended like an event of that size.
+    pub record_bytes: usize,
 }
 
 impl LogConfig {
@@ -123,6 +135,7 @@ impl LogConfig {
             dlq_topic: config.dlq_topic,
             events_partitions: config.events_partitions,
             append_timeout: config.append_timeout,
+            record_bytes: shared::limits::ingest_record_max_bytes(config.max_body_bytes),
         })
     }
 }
@@ -174,6 +187,13 @@ impl Config {
         if append_timeout_ms < 100 {
             return Err(err("APPEND_TIMEOUT_MS", "must be at least 100"));
         }
+        let head_read_timeout = millis(get("HTTP_HEAD_TIMEOUT_MS"), "HTTP_HEAD_TIMEOUT_MS", 5_000)?;
+        let body_read_timeout =
+            millis(get("HTTP_BODY_TIMEOUT_MS"), "HTTP_BODY_TIMEOUT_MS", 10_000)?;
+        let keep_alive_secs: u64 = num(get("HTTP_KEEP_ALIVE_SECS"), "HTTP_KEEP_ALIVE_SECS", 75)?;
+        if keep_alive_secs == 0 {
+            return Err(err("HTTP_KEEP_ALIVE_SECS", "must be at least 1"));
+        }
         Ok(Config {
             kafka: KafkaSettings::from_lookup(&lookup)?,
             webhook_secrets,
@@ -189,8 +209,23 @@ impl Config {
             events_partitions,
             append_timeout: Duration::from_millis(append_timeout_ms),
             stripe_api: ApiConfig::from_lookup(get)?,
+            head_read_timeout,
+            body_read_timeout,
+            keep_alive: Duration::from_secs(keep_alive_secs),
         })
     }
+}
+
+/// A read deadline in milliseconds: at least 100, because 0 would switch actix's deadline off.
+fn millis(value: Option<String>, var: &'static str, default: u64) -> Result<Duration, ConfigError> {
+    let ms: u64 = num(value, var, default)?;
+    if ms < 100 {
+        return Err(err(
+            var,
+            "must be at least 100 (0 would disable the deadline)",
+        ));
+    }
+    Ok(Duration::from_millis(ms))
 }
 
 fn parse_secrets(raw: &str) -> Result<Vec<SecretString>, ConfigError> {
@@ -235,6 +270,9 @@ mod tests {
         assert_eq!(c.events_topic, "stripe.events");
         assert_eq!(c.dlq_topic, "stripe.events.dlq");
         assert_eq!(c.append_timeout, Duration::from_secs(10));
+        assert_eq!(c.head_read_timeout, Duration::from_secs(5));
+        assert_eq!(c.body_read_timeout, Duration::from_secs(10));
+        assert_eq!(c.keep_alive, Duration::from_secs(75));
     }
 
     #[test]
@@ -363,6 +401,9 @@ mod tests {
             ("STRIPE_EVENTS_PARTITIONS", "0"),
             ("APPEND_TIMEOUT_MS", "5"),
             ("STRIPE_API_KEY", "pk_test_publishable"),
+            ("HTTP_HEAD_TIMEOUT_MS", "0"),
+            ("HTTP_BODY_TIMEOUT_MS", "soon"),
+            ("HTTP_KEEP_ALIVE_SECS", "0"),
         ] {
             let e = config(&[("STRIPE_WEBHOOK_SECRETS", "whsec_a"), (var, value)]).unwrap_err();
             assert_eq!(e.var, var, "{var}={value}");

@@ -19,6 +19,8 @@ pub enum IngestError {
     PayloadTooLarge { limit: usize },
     #[error("the body could not be read")]
     BodyRead,
+    #[error("the body did not arrive within {0:?}")]
+    BodyTimeout(std::time::Duration),
     #[error("the event could not be stored durably; retry later")]
     Unavailable(#[source] AppendError),
 }
@@ -38,6 +40,7 @@ impl IngestError {
             IngestError::InvalidPayload(_) => "invalid_payload",
             IngestError::PayloadTooLarge { .. } => "payload_too_large",
             IngestError::BodyRead => "bad_request",
+            IngestError::BodyTimeout(_) => "request_timeout",
             IngestError::Unavailable(_) => "unavailable",
         }
     }
@@ -47,6 +50,7 @@ impl ResponseError for IngestError {
     fn status_code(&self) -> StatusCode {
         match self {
             IngestError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             IngestError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_REQUEST,
         }
@@ -55,8 +59,16 @@ impl ResponseError for IngestError {
     fn error_response(&self) -> HttpResponse {
         // The message names the failure, never a cause chain with broker internals.
         let mut response = HttpResponse::build(self.status_code());
-        if let IngestError::Unavailable(_) = self {
-            response.insert_header(("Retry-After", "5"));
+        match self {
+            IngestError::Unavailable(_) => {
+                response.insert_header(("Retry-After", "5"));
+            }
+            // The rest of the body is not wanted: closing the connection stops it from being
+            // read (and drained) at all, where keeping it alive would read 100 MB to discard.
+            IngestError::PayloadTooLarge { .. } | IngestError::BodyTimeout(_) => {
+                response.force_close();
+            }
+            _ => {}
         }
         response.json(ErrorBody {
             error: self.code(),

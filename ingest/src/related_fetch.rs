@@ -69,6 +69,7 @@ pub fn start(
         &config.events_topic,
         &config.dlq_topic,
         config.append_timeout,
+        shared::limits::ingest_record_max_bytes(config.max_body_bytes),
     )?;
     tracing::info!(api_base = %api.api_base, "thin events: related objects are fetched");
     Ok(Arc::new(RelatedObjectFetcher::spawn(

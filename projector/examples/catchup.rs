@@ -54,12 +54,15 @@ async fn main() {
     );
 
     // Produce: each customer walks through statuses and plans, one event per step.
-    let producer: FutureProducer =
-        shared::kafka::durable_producer_config(&kafka, Duration::from_secs(60))
-            .set("linger.ms", "20")
-            .set("batch.num.messages", "10000")
-            .create()
-            .unwrap();
+    let producer: FutureProducer = shared::kafka::durable_producer_config(
+        &kafka,
+        Duration::from_secs(60),
+        shared::limits::ingest_record_max_bytes(shared::limits::DEFAULT_MAX_BODY_BYTES),
+    )
+    .set("linger.ms", "20")
+    .set("batch.num.messages", "10000")
+    .create()
+    .unwrap();
     let produce_started = Instant::now();
     let base = 1_767_225_600i64;
     let mut deliveries = Vec::with_capacity(events as usize);

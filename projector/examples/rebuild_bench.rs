@@ -182,12 +182,15 @@ async fn produce(
     customers: u64,
     run: &str,
 ) -> u64 {
-    let producer: FutureProducer =
-        shared::kafka::durable_producer_config(kafka, Duration::from_secs(60))
-            .set("linger.ms", "20")
-            .set("batch.num.messages", "10000")
-            .create()
-            .expect("producer");
+    let producer: FutureProducer = shared::kafka::durable_producer_config(
+        kafka,
+        Duration::from_secs(60),
+        shared::limits::ingest_record_max_bytes(shared::limits::DEFAULT_MAX_BODY_BYTES),
+    )
+    .set("linger.ms", "20")
+    .set("batch.num.messages", "10000")
+    .create()
+    .expect("producer");
     let base = 1_767_225_600i64;
     let mut bytes = 0u64;
     let mut deliveries = Vec::with_capacity(events as usize);

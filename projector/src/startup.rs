@@ -11,6 +11,7 @@ use shared::kafka::{
     check_cluster, durable_producer_config, ensure_topics, KafkaUnreachable, TopicSpec,
     PREFLIGHT_DEADLINE,
 };
+use shared::limits;
 use sqlx::PgPool;
 use tokio::sync::watch;
 
@@ -69,9 +70,14 @@ pub async fn topics(config: &Config) -> Result<(), StartupError> {
     ensure_topics(
         &config.kafka,
         &[
-            TopicSpec::event_log(&config.events_topic, config.events_partitions),
-            TopicSpec::compacted(&config.entitlements_topic, config.entitlements_partitions),
-            TopicSpec::dead_letters(&config.dlq_topic),
+            // Sized as ingest creates them with the default MAX_BODY_BYTES; ingest checks them
+            // against its own limit. A change message too large for its topic is parked by the
+            // relay, so an existing smaller topic is not refused here.
+            TopicSpec::event_log(&config.events_topic, config.events_partitions)
+                .created_holding(ingest_record_bytes()),
+            TopicSpec::compacted(&config.entitlements_topic, config.entitlements_partitions)
+                .created_holding(limits::ENTITLEMENT_CHANGE_MAX_BYTES),
+            TopicSpec::dead_letters(&config.dlq_topic).created_holding(ingest_record_bytes()),
         ],
         Duration::from_secs(30),
     )
@@ -80,7 +86,16 @@ pub async fn topics(config: &Config) -> Result<(), StartupError> {
 }
 
 pub fn producer(config: &Config) -> Result<FutureProducer, StartupError> {
-    Ok(durable_producer_config(&config.kafka, Duration::from_secs(30)).create()?)
+    Ok(durable_producer_config(
+        &config.kafka,
+        Duration::from_secs(30),
+        limits::projector_record_max_bytes(),
+    )
+    .create()?)
+}
+
+fn ingest_record_bytes() -> usize {
+    limits::ingest_record_max_bytes(limits::DEFAULT_MAX_BODY_BYTES)
 }
 
 impl Application {

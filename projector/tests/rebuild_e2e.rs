@@ -1472,11 +1472,15 @@ fn large_log() -> impl Iterator<Item = (String, String)> {
 /// A producer straight to the log (not through ingest): the large log is for the rebuild, and
 /// signing and POSTing 300,000 webhooks would take most of the test's time.
 fn log_producer() -> rdkafka::producer::FutureProducer {
-    shared::kafka::durable_producer_config(&kafka_settings(), Duration::from_secs(60))
-        .set("linger.ms", "20")
-        .set("batch.num.messages", "10000")
-        .create()
-        .expect("producer")
+    shared::kafka::durable_producer_config(
+        &kafka_settings(),
+        Duration::from_secs(60),
+        shared::limits::ingest_record_max_bytes(shared::limits::DEFAULT_MAX_BODY_BYTES),
+    )
+    .set("linger.ms", "20")
+    .set("batch.num.messages", "10000")
+    .create()
+    .expect("producer")
 }
 
 /// Appends `(key, body)` records to `topic`, waiting for every acknowledgement.

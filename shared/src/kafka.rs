@@ -17,12 +17,16 @@ pub use settings::{
     KafkaSettings, KeyRule, SecurityProtocol, DEFAULT_BROKERS, KEY_RULES, OVERRIDES,
 };
 
+use crate::limits::{self, RecordLimit, TopicTooSmall};
+
 /// Settings of a producer whose acknowledged writes are durable and never duplicated by its own
 /// retries: acks from every in-sync replica, idempotence on, a few milliseconds of linger so
-/// that concurrent requests share one broker round trip.
+/// that concurrent requests share one broker round trip. `max_record_bytes` is the largest
+/// record it must take (see [`crate::limits`]); librdkafka's default, about 1 MB, is not enough.
 pub fn durable_producer_config(
     settings: &KafkaSettings,
     delivery_timeout: Duration,
+    max_record_bytes: usize,
 ) -> ClientConfig {
     let mut config = settings.client_config();
     config
@@ -38,7 +42,12 @@ pub fn durable_producer_config(
         )
         .set("queue.buffering.max.messages", "100000")
         .set("queue.buffering.max.kbytes", "262144")
-        .set("socket.keepalive.enable", "true");
+        .set("socket.keepalive.enable", "true")
+        .set("message.max.bytes", max_record_bytes.to_string())
+        .set(
+            "batch.size",
+            limits::producer_batch_bytes(max_record_bytes).to_string(),
+        );
     config
 }
 
@@ -48,6 +57,8 @@ pub struct TopicSpec {
     pub name: String,
     pub partitions: i32,
     pub config: Vec<(&'static str, String)>,
+    /// The `max.message.bytes` an existing topic must have; checked at start-up.
+    pub required_record_bytes: Option<usize>,
 }
 
 impl TopicSpec {
@@ -60,6 +71,7 @@ impl TopicSpec {
                 ("retention.ms", "-1".into()),
                 ("retention.bytes", "-1".into()),
             ],
+            required_record_bytes: None,
         }
     }
 
@@ -69,6 +81,7 @@ impl TopicSpec {
             name: name.to_owned(),
             partitions: 1,
             config: vec![("retention.ms", "-1".into())],
+            required_record_bytes: None,
         }
     }
 
@@ -78,7 +91,23 @@ impl TopicSpec {
             name: name.to_owned(),
             partitions,
             config: vec![("cleanup.policy", "compact".into())],
+            required_record_bytes: None,
         }
+    }
+
+    /// Created with `max.message.bytes` = `bytes`; an existing topic is left as it is.
+    pub fn created_holding(mut self, bytes: usize) -> Self {
+        self.config.retain(|(k, _)| *k != "max.message.bytes");
+        self.config.push(("max.message.bytes", bytes.to_string()));
+        self
+    }
+
+    /// Created holding records of `bytes`, and an existing topic that cannot hold them stops
+    /// start-up: for the topics a service writes to.
+    pub fn holding(self, bytes: usize) -> Self {
+        let mut spec = self.created_holding(bytes);
+        spec.required_record_bytes = Some(bytes);
+        spec
     }
 }
 
@@ -89,6 +118,8 @@ pub enum TopicError {
         topic: String,
         code: RDKafkaErrorCode,
     },
+    #[error(transparent)]
+    TooSmall(#[from] TopicTooSmall),
     #[error("kafka admin request failed: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
 }
@@ -121,6 +152,17 @@ pub async fn ensure_topics(
             topic
         })
         .collect();
+    let required: Vec<RecordLimit<'_>> = topics
+        .iter()
+        .filter(|t| existing.contains(&t.name))
+        .filter_map(|t| {
+            t.required_record_bytes.map(|required| RecordLimit {
+                topic: &t.name,
+                required,
+            })
+        })
+        .collect();
+    limits::check_topics(&admin, &required, timeout).await?;
     if new_topics.is_empty() {
         return Ok(());
     }

@@ -7,6 +7,7 @@ pub mod change;
 pub mod config;
 pub mod envelope;
 pub mod kafka;
+pub mod limits;
 pub mod metrics;
 pub mod telemetry;
 

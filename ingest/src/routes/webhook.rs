@@ -76,7 +76,12 @@ async fn handle(
             .to_str()
             .map_err(|_| signature::SignatureError::Malformed)?,
     };
-    let body = read_body(payload, limit).await?;
+    // actix bounds the head's arrival but not the body's: a body that trickles would hold a
+    // connection and its buffer for as long as the client likes.
+    let deadline = state.config.body_read_timeout;
+    let body = tokio::time::timeout(deadline, read_body(payload, limit))
+        .await
+        .map_err(|_| IngestError::BodyTimeout(deadline))??;
 
     let now = (received_at_ms / 1000) as i64;
     signature::verify(

@@ -1,0 +1,3 @@
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| stripe_pipeline_fuzz::kafka_properties(data));
