@@ -105,7 +105,10 @@ async fn main() {
     std::fs::write(&mapping, "[[grant]]\nproduct = \"prod_pro\"\nfeatures = [\"pro\", \"api\"]\n\n[[grant]]\nprice = \"price_team_month\"\nfeatures = [\"team\"]\n").unwrap();
     let projector =
         std::env::var("PROJECTOR_BIN").unwrap_or_else(|_| "target/release/projector".into());
+    // Batch settings pass through, so that they can be compared run against run.
+    let batch_max = std::env::var("BATCH_MAX_EVENTS").unwrap_or_else(|_| "2000".into());
     let env = [
+        ("BATCH_MAX_EVENTS", batch_max.clone()),
         ("KAFKA_BROKERS", brokers.clone()),
         ("DATABASE_URL", database_url.clone()),
         ("STRIPE_EVENTS_TOPIC", topic.clone()),
@@ -165,7 +168,7 @@ async fn main() {
     let peak_rss_catchup = peak_rss_kib(child.id());
     println!("produce: {events} events ({workload:?}) over {customers} customers into 6 partitions in {produce_secs:.1}s ({:.0} events/s)", events as f64 / produce_secs);
     println!(
-        "projector catch-up ({workload:?}): {events} events applied in {applied_secs:.1}s ({:.0} events/s, process start included); {changes} change messages published after {published_secs:.1}s; projector peak RSS {} MiB",
+        "projector catch-up ({workload:?}, batches of up to {batch_max}): {events} events applied in {applied_secs:.1}s ({:.0} events/s, process start included); {changes} change messages published after {published_secs:.1}s; projector peak RSS {} MiB",
         events as f64 / applied_secs,
         peak_rss_catchup / 1024
     );
@@ -173,6 +176,7 @@ async fn main() {
         let _ = child.kill();
         let _ = child.wait();
         let _ = std::fs::remove_file(mapping);
+        clean_up(&admin, &admin_url, &run).await;
         return;
     }
 
@@ -201,6 +205,27 @@ async fn main() {
             .unwrap_or("")
     );
     let _ = std::fs::remove_file(mapping);
+    clean_up(&admin, &admin_url, &run).await;
+}
+
+/// Drops the run's database and topics: a benchmark log is hundreds of MB on a shared disk.
+/// `KEEP_BENCH_DATA=1` keeps them for a look afterwards.
+async fn clean_up(admin: &AdminClient<DefaultClientContext>, admin_url: &str, run: &str) {
+    if std::env::var_os("KEEP_BENCH_DATA").is_some() {
+        return;
+    }
+    if let Ok(mut db) = PgConnection::connect(admin_url).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {run} WITH (FORCE)"))
+            .execute(&mut db)
+            .await;
+    }
+    let topics = [
+        format!("{run}.events"),
+        format!("{run}.changes"),
+        format!("{run}.dlq"),
+    ];
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -24,6 +24,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
 use hmac::{Hmac, Mac};
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use sha2::Sha256;
@@ -373,6 +375,21 @@ async fn main() {
     let _ = ingest.wait();
     let _ = projector.wait();
     let _ = std::fs::remove_file(&mapping);
+    // The run's database and topics are dropped: they are hundreds of MB on a shared disk.
+    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {run} WITH (FORCE)"))
+        .execute(&mut db)
+        .await;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .expect("an admin client");
+    let topics = [
+        events_topic.clone(),
+        changes_topic.clone(),
+        format!("{run}.dlq"),
+    ];
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
 
     let m = matcher.lock().unwrap_or_else(|p| p.into_inner());
     let h = &m.measured;
