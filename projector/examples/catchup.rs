@@ -12,8 +12,10 @@
 //!   (`customer.subscription.updated` moving the period) and rarely a plan or status change.
 //!   About one event in ten changes the entitlement object.
 //!
-//!   cargo run --release -p projector --example catchup -- \
-//!       [events=100000] [customers=10000] [change-heavy|realistic] [rebuild|no-rebuild]
+//! ```text
+//! cargo run --release -p projector --example catchup -- \
+//!     [events=100000] [customers=10000] [change-heavy|realistic] [rebuild|no-rebuild]
+//! ```
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
