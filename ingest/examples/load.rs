@@ -1,91 +1,308 @@
-//! Load for ingest: signed webhook POSTs from N concurrent clients, bounded in count and time.
-//! Prints requests/s and latency percentiles. Used by `scripts/bench`.
+//! Load generator for ingest (or the `ceiling` example): realistic signed Stripe webhooks,
+//! 2-8 KB (subscriptions with items, invoices with lines), each with a fresh event id and signed
+//! with the current time, as Stripe signs. Bounded in count and in time; only 127.0.0.1.
 //!
-//!   cargo run --release -p ingest --example load -- <url> <whsec_…> [requests] [concurrency]
+//! - closed loop: `--connections N` senders, each sends its next request when the previous one
+//!   is answered;
+//! - open loop: `--rate R` requests/s on a fixed schedule, whatever the answers do; latency is
+//!   measured from the *intended* send time, so a stall is not hidden by requests that were
+//!   never sent during it (coordinated omission). `--connections` then caps the requests in
+//!   flight; a request waiting for a connection is late, and its latency says so.
+//!
+//! Latencies go to an HDR histogram (1 µs .. 60 s, 3 significant digits); every answer that is
+//! not 2xx is counted by status code, every transport failure by kind.
+//!
+//!   cargo run --release -p ingest --example load -- [options] <url> <whsec_…>
+//!     --connections N   closed-loop senders, or the in-flight cap when open loop (default 64)
+//!     --requests N      requests measured (default 20000)
+//!     --rate R          open loop at R requests/s (default: closed loop)
+//!     --max-secs S      stop measuring after S seconds whatever the count (default 120)
+//!     --warmup N        requests sent and not measured first (default 500)
+//!     --customers N     distinct customers, so partition keys spread (default 5000)
+//!     --label TEXT      printed first on the result line, for A/B runs
 
+// The payload templates are large `json!` literals.
+#![recursion_limit = "256"]
+
+#[path = "support/payloads.rs"]
+mod payloads;
+
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use hdrhistogram::Histogram;
+use payloads::Template;
+use tokio::sync::Semaphore;
+
+struct Options {
+    url: String,
+    secret: String,
+    connections: usize,
+    requests: u64,
+    rate: Option<f64>,
+    max_secs: u64,
+    warmup: u64,
+    customers: u64,
+    label: String,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: load [--connections N] [--requests N] [--rate R] [--max-secs S] [--warmup N] \
+         [--customers N] [--label TEXT] <url> <whsec_…>"
+    );
+    std::process::exit(2)
+}
+
+fn options() -> Options {
+    let mut positional = Vec::new();
+    let mut o = Options {
+        url: String::new(),
+        secret: String::new(),
+        connections: 64,
+        requests: 20_000,
+        rate: None,
+        max_secs: 120,
+        warmup: 500,
+        customers: 5000,
+        label: String::new(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().unwrap_or_else(|| usage());
+        match arg.as_str() {
+            "--connections" => o.connections = value().parse().unwrap_or_else(|_| usage()),
+            "--requests" => o.requests = value().parse().unwrap_or_else(|_| usage()),
+            "--rate" => o.rate = Some(value().parse().unwrap_or_else(|_| usage())),
+            "--max-secs" => o.max_secs = value().parse().unwrap_or_else(|_| usage()),
+            "--warmup" => o.warmup = value().parse().unwrap_or_else(|_| usage()),
+            "--customers" => o.customers = value().parse().unwrap_or_else(|_| usage()),
+            "--label" => o.label = value(),
+            flag if flag.starts_with("--") => usage(),
+            _ => positional.push(arg),
+        }
+    }
+    let [url, secret] = <[String; 2]>::try_from(positional).unwrap_or_else(|_| usage());
+    // A load generator aimed elsewhere by mistake is an attack; this one only loads this host.
+    let host_ok = ["http://127.0.0.1:", "http://localhost:"]
+        .iter()
+        .any(|p| url.starts_with(p));
+    if !host_ok {
+        eprintln!("load: only http://127.0.0.1:<port>/… targets are allowed, got {url}");
+        std::process::exit(2);
+    }
+    if o.connections == 0 || o.requests == 0 || o.customers == 0 {
+        usage();
+    }
+    o.url = url;
+    o.secret = secret;
+    o
+}
+
+/// What every request shares: the bodies, the client, the tallies.
+struct Load {
+    client: reqwest::Client,
+    url: String,
+    secret: String,
+    templates: Vec<Template>,
+    customers: u64,
+    run: u32,
+    sequence: AtomicU64,
+    tally: Mutex<Tally>,
+}
+
+#[derive(Default)]
+struct Tally {
+    latency: Option<Histogram<u64>>,
+    ok: u64,
+    by_status: BTreeMap<u16, u64>,
+    by_error: BTreeMap<&'static str, u64>,
+    /// The first non-2xx answer's body, to say why.
+    first_rejection: Option<String>,
+    body_bytes: u64,
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl Load {
+    /// Sends one fresh, freshly signed event; records its latency from `intended` when
+    /// `measured`.
+    async fn send(&self, intended: Instant, measured: bool) {
+        let n = self.sequence.fetch_add(1, Ordering::Relaxed);
+        let template = &self.templates[(n % self.templates.len() as u64) as usize];
+        let now = unix_now();
+        let mut body = Vec::with_capacity(template.approx_len + 64);
+        template.render(
+            &mut body,
+            &format!("evt_load{}_{n}", self.run),
+            now,
+            &format!("cus_load{}", n % self.customers),
+        );
+        let signature = ingest::signature::header_for(&self.secret, now, &body);
+        let length = body.len() as u64;
+        let result = self
+            .client
+            .post(&self.url)
+            .header("Stripe-Signature", signature)
+            .header("Content-Type", "application/json")
+            .body(body)
+            .send()
+            .await;
+        // Read the answer whole, so the connection goes back to the pool.
+        let status = match result {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                match response.bytes().await {
+                    Ok(body) if !(200..300).contains(&status) => {
+                        let mut tally = self.tally.lock().unwrap_or_else(|p| p.into_inner());
+                        tally
+                            .first_rejection
+                            .get_or_insert_with(|| String::from_utf8_lossy(&body).into_owned());
+                        Ok(status)
+                    }
+                    Ok(_) => Ok(status),
+                    Err(_) => Err("body"),
+                }
+            }
+            Err(e) if e.is_timeout() => Err("timeout"),
+            Err(e) if e.is_connect() => Err("connect"),
+            Err(_) => Err("request"),
+        };
+        let elapsed = intended.elapsed();
+        if !measured {
+            return;
+        }
+        let mut tally = self.tally.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = tally.latency.as_mut() {
+            h.saturating_record((elapsed.as_micros() as u64).max(1));
+        }
+        tally.body_bytes += length;
+        match status {
+            Ok(s) if (200..300).contains(&s) => tally.ok += 1,
+            Ok(s) => *tally.by_status.entry(s).or_default() += 1,
+            Err(kind) => *tally.by_error.entry(kind).or_default() += 1,
+        }
+    }
+}
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    if args.len() < 3 {
-        eprintln!("usage: load <url> <whsec_…> [requests=20000] [concurrency=64]");
-        std::process::exit(2);
-    }
-    let url = args[1].clone();
-    let secret = args[2].clone();
-    let requests: u64 = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(20_000);
-    let concurrency: u64 = args.get(4).and_then(|a| a.parse().ok()).unwrap_or(64);
+    let o = options();
     let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(concurrency as usize)
+        .pool_max_idle_per_host(o.connections)
+        .timeout(Duration::from_secs(30))
         .build()
-        .unwrap();
-    let next = Arc::new(AtomicU64::new(0));
-    let failures = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..concurrency {
-        let (client, url, secret, next, failures) = (
-            client.clone(),
-            url.clone(),
-            secret.clone(),
-            next.clone(),
-            failures.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= requests || Instant::now() > deadline {
-                    break;
-                }
-                let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
-                let body = format!(
-                    r#"{{"id":"evt_load_{i}","object":"event","api_version":"2025-03-31.basil","created":{now},"livemode":false,"type":"customer.subscription.updated","data":{{"object":{{"id":"sub_{c}","object":"subscription","customer":"cus_load_{c}","status":"active","cancel_at_period_end":false,"items":{{"object":"list","data":[{{"id":"si_{c}","object":"subscription_item","price":{{"id":"price_pro","object":"price","product":"prod_pro","lookup_key":null}},"quantity":1,"current_period_end":{end}}}]}}}}}}}}"#,
-                    c = i % 5000,
-                    end = now + 2_592_000
-                );
-                let header = ingest::signature::header_for(&secret, now, body.as_bytes());
-                let sent = Instant::now();
-                let ok = client
-                    .post(&url)
-                    .header("Stripe-Signature", header)
-                    .body(body)
-                    .send()
-                    .await
-                    .map(|r| r.status().is_success())
-                    .unwrap_or(false);
-                latencies.push(sent.elapsed());
-                if !ok {
-                    failures.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            latencies
+        .expect("an HTTP client");
+    let templates = payloads::templates();
+    let sizes: Vec<String> = templates
+        .iter()
+        .map(|t| format!("{} {} B", t.event_type, t.approx_len))
+        .collect();
+    eprintln!("load: payloads cycle through {}", sizes.join(", "));
+    let load = Arc::new(Load {
+        client,
+        url: o.url.clone(),
+        secret: o.secret.clone(),
+        templates,
+        customers: o.customers,
+        run: std::process::id(),
+        sequence: AtomicU64::new(0),
+        tally: Mutex::new(Tally {
+            latency: Some(
+                Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
+            ),
+            ..Tally::default()
+        }),
+    });
+
+    // Warm-up: connections open, the producer gets its id, nothing measured.
+    let warm = Arc::new(Semaphore::new(o.connections));
+    let mut warmers = Vec::new();
+    for _ in 0..o.warmup {
+        let (load, permit) = (load.clone(), warm.clone().acquire_owned().await);
+        warmers.push(tokio::spawn(async move {
+            load.send(Instant::now(), false).await;
+            drop(permit);
         }));
     }
-    let mut latencies = Vec::new();
-    for task in tasks {
-        latencies.extend(task.await.unwrap());
+    for w in warmers {
+        let _ = w.await;
+    }
+
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(o.max_secs);
+    let mut tasks = Vec::new();
+    let mode = match o.rate {
+        None => {
+            let next = Arc::new(AtomicU64::new(0));
+            for _ in 0..o.connections {
+                let (load, next, requests) = (load.clone(), next.clone(), o.requests);
+                tasks.push(tokio::spawn(async move {
+                    while next.fetch_add(1, Ordering::Relaxed) < requests
+                        && Instant::now() < deadline
+                    {
+                        load.send(Instant::now(), true).await;
+                    }
+                }));
+            }
+            format!("closed loop, {} connections", o.connections)
+        }
+        Some(rate) => {
+            let in_flight = Arc::new(Semaphore::new(o.connections));
+            let period = Duration::from_secs_f64(1.0 / rate);
+            for i in 0..o.requests {
+                let intended = started + period.mul_f64(i as f64);
+                if intended > deadline {
+                    break;
+                }
+                tokio::time::sleep_until(intended.into()).await;
+                let (load, in_flight) = (load.clone(), in_flight.clone());
+                tasks.push(tokio::spawn(async move {
+                    let Ok(_permit) = in_flight.acquire_owned().await else {
+                        return;
+                    };
+                    load.send(intended, true).await;
+                }));
+            }
+            format!(
+                "open loop at {rate} req/s, at most {} in flight",
+                o.connections
+            )
+        }
+    };
+    for t in tasks {
+        let _ = t.await;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    latencies.sort();
-    let pct = |p: f64| {
-        latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)].as_secs_f64()
-            * 1000.0
-    };
+
+    let tally = load.tally.lock().unwrap_or_else(|p| p.into_inner());
+    let h = tally.latency.as_ref().expect("histogram");
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let sent = h.len();
     println!(
-        "ingest: {} requests, {} concurrent, {:.1}s: {:.0} req/s; latency ms p50 {:.1} p90 {:.1} p99 {:.1} max {:.1}; failures {}",
-        latencies.len(),
-        concurrency,
-        elapsed,
-        latencies.len() as f64 / elapsed,
-        pct(0.50),
-        pct(0.90),
-        pct(0.99),
-        pct(1.0),
-        failures.load(Ordering::Relaxed)
+        "{}{mode}: {sent} requests in {elapsed:.2}s = {:.0} req/s ({:.0} 2xx/s), mean body {} B; \
+         latency ms p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}; 2xx {}; non-2xx {:?}; errors {:?}",
+        if o.label.is_empty() { String::new() } else { format!("[{}] ", o.label) },
+        sent as f64 / elapsed,
+        tally.ok as f64 / elapsed,
+        tally.body_bytes / sent.max(1),
+        ms(0.50),
+        ms(0.90),
+        ms(0.99),
+        ms(0.999),
+        h.max() as f64 / 1000.0,
+        tally.ok,
+        tally.by_status,
+        tally.by_error,
     );
+    if let Some(body) = &tally.first_rejection {
+        println!("first rejection: {body}");
+    }
 }

@@ -1,9 +1,21 @@
-//! Catch-up benchmark for the projector: produces N Stripe events (subscription lifecycles over
-//! many customers) straight into a fresh topic, starts `projector run` on a fresh database and
-//! measures until every record is applied and every change message published; then measures
-//! `projector rebuild` over the same log. Used by `scripts/bench`.
+//! Catch-up benchmark for the projector: produces N Stripe events over many customers straight
+//! into a fresh topic, starts `projector run` on a fresh database and measures until every
+//! record is applied and every change message published; then (unless `no-rebuild`) measures
+//! `projector rebuild` over the same log. Reports the projector's peak RSS (`VmHWM`). Used by
+//! `scripts/bench`.
 //!
-//!   cargo run --release -p projector --example catchup -- [events=100000] [customers=10000]
+//! Workloads:
+//! - `change-heavy`: each customer walks through subscription states and plans, one event per
+//!   step, so nearly every event changes entitlements and writes a change message;
+//! - `realistic`: what a live account sends: after a subscription is created, mostly
+//!   `invoice.paid` (a new invoice each month) and `customer.updated`, now and then a renewal
+//!   (`customer.subscription.updated` moving the period) and rarely a plan or status change.
+//!   About one event in ten changes the entitlement object.
+//!
+//! ```text
+//! cargo run --release -p projector --example catchup -- \
+//!     [events=100000] [customers=10000] [change-heavy|realistic] [rebuild|no-rebuild]
+//! ```
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,6 +39,12 @@ async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let events: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(100_000);
     let customers: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(10_000);
+    let workload = match args.get(3).map(String::as_str) {
+        None | Some("change-heavy") => Workload::ChangeHeavy,
+        Some("realistic") => Workload::Realistic,
+        Some(other) => panic!("unknown workload {other}: change-heavy or realistic"),
+    };
+    let rebuild = args.get(4).map(String::as_str) != Some("no-rebuild");
     let kafka = shared::kafka::KafkaSettings::from_env().unwrap();
     let brokers = kafka.brokers().to_owned();
     let admin_url = std::env::var("DATABASE_URL")
@@ -69,18 +87,11 @@ async fn main() {
     for i in 0..events {
         let c = i % customers;
         let step = i / customers;
-        let status = STATUSES[(step as usize) % STATUSES.len()];
-        let (price, product) = PRODUCTS[((step / 2) as usize + c as usize) % PRODUCTS.len()];
-        let event_type = if step == 0 {
-            "customer.subscription.created"
-        } else {
-            "customer.subscription.updated"
-        };
         let created = base + step as i64 * 3600;
-        let body = format!(
-            r#"{{"id":"evt_{run}_{i}","object":"event","api_version":"2025-03-31.basil","created":{created},"livemode":false,"pending_webhooks":1,"request":{{"id":null,"idempotency_key":null}},"type":"{event_type}","data":{{"object":{{"id":"sub_{c}","object":"subscription","customer":"cus_{c}","status":"{status}","cancel_at_period_end":false,"collection_method":"charge_automatically","currency":"usd","livemode":false,"metadata":{{}},"items":{{"object":"list","data":[{{"id":"si_{c}","object":"subscription_item","price":{{"id":"{price}","object":"price","product":"{product}","lookup_key":null,"recurring":{{"interval":"month"}}}},"quantity":1,"current_period_start":{created},"current_period_end":{end}}}],"has_more":false}}}}}}}}"#,
-            end = created + 2_592_000
-        );
+        let body = match workload {
+            Workload::ChangeHeavy => change_heavy(&run, i, c, step, created),
+            Workload::Realistic => realistic(&run, i, c, step, created),
+        };
         let key = format!("cus_{c}");
         loop {
             match producer.send_result(FutureRecord::to(&topic).key(&key).payload(&body)) {
@@ -102,7 +113,10 @@ async fn main() {
     std::fs::write(&mapping, "[[grant]]\nproduct = \"prod_pro\"\nfeatures = [\"pro\", \"api\"]\n\n[[grant]]\nprice = \"price_team_month\"\nfeatures = [\"team\"]\n").unwrap();
     let projector =
         std::env::var("PROJECTOR_BIN").unwrap_or_else(|_| "target/release/projector".into());
+    // Batch settings pass through, so that they can be compared run against run.
+    let batch_max = std::env::var("BATCH_MAX_EVENTS").unwrap_or_else(|_| "2000".into());
     let env = [
+        ("BATCH_MAX_EVENTS", batch_max.clone()),
         ("KAFKA_BROKERS", brokers.clone()),
         ("DATABASE_URL", database_url.clone()),
         ("STRIPE_EVENTS_TOPIC", topic.clone()),
@@ -159,6 +173,21 @@ async fn main() {
         .await
         .unwrap();
 
+    let peak_rss_catchup = peak_rss_kib(child.id());
+    println!("produce: {events} events ({workload:?}) over {customers} customers into 6 partitions in {produce_secs:.1}s ({:.0} events/s)", events as f64 / produce_secs);
+    println!(
+        "projector catch-up ({workload:?}, batches of up to {batch_max}): {events} events applied in {applied_secs:.1}s ({:.0} events/s, process start included); {changes} change messages published after {published_secs:.1}s; projector peak RSS {} MiB",
+        events as f64 / applied_secs,
+        peak_rss_catchup / 1024
+    );
+    if !rebuild {
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = std::fs::remove_file(mapping);
+        clean_up(&admin, &admin_url, &run).await;
+        return;
+    }
+
     // Rebuild the same log while `run` keeps serving.
     let rebuild_started = Instant::now();
     let output = Command::new(&projector)
@@ -175,11 +204,6 @@ async fn main() {
     let _ = child.kill();
     let _ = child.wait();
 
-    println!("produce: {events} events over {customers} customers into 6 partitions in {produce_secs:.1}s ({:.0} events/s)", events as f64 / produce_secs);
-    println!(
-        "projector catch-up: {events} events applied in {applied_secs:.1}s ({:.0} events/s, process start included); {changes} change messages published after {published_secs:.1}s",
-        events as f64 / applied_secs
-    );
     println!("projector rebuild: {events} events replayed and swapped in {rebuild_secs:.1}s ({:.0} events/s, whole command)", events as f64 / rebuild_secs);
     println!(
         "rebuild says: {}",
@@ -189,4 +213,124 @@ async fn main() {
             .unwrap_or("")
     );
     let _ = std::fs::remove_file(mapping);
+    clean_up(&admin, &admin_url, &run).await;
+}
+
+/// Drops the run's database and topics: a benchmark log is hundreds of MB on a shared disk.
+/// `KEEP_BENCH_DATA=1` keeps them for a look afterwards.
+async fn clean_up(admin: &AdminClient<DefaultClientContext>, admin_url: &str, run: &str) {
+    if std::env::var_os("KEEP_BENCH_DATA").is_some() {
+        return;
+    }
+    if let Ok(mut db) = PgConnection::connect(admin_url).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {run} WITH (FORCE)"))
+            .execute(&mut db)
+            .await;
+    }
+    let topics = [
+        format!("{run}.events"),
+        format!("{run}.changes"),
+        format!("{run}.dlq"),
+    ];
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Workload {
+    ChangeHeavy,
+    Realistic,
+}
+
+/// A customer's subscription walking through statuses and plans: nearly every step changes
+/// what the customer is entitled to.
+fn change_heavy(run: &str, i: u64, c: u64, step: u64, created: i64) -> String {
+    let status = STATUSES[(step as usize) % STATUSES.len()];
+    let (price, product) = PRODUCTS[((step / 2) as usize + c as usize) % PRODUCTS.len()];
+    let event_type = if step == 0 {
+        "customer.subscription.created"
+    } else {
+        "customer.subscription.updated"
+    };
+    subscription_event(run, i, c, event_type, status, price, product, created)
+}
+
+/// A live account's traffic: per customer, a subscription created once, then a month's cycle
+/// of invoices, profile updates and a renewal; every 25th step a plan change.
+fn realistic(run: &str, i: u64, c: u64, step: u64, created: i64) -> String {
+    const CYCLE: &[&str] = &[
+        "invoice.paid",
+        "customer.updated",
+        "invoice.paid",
+        "invoice.paid",
+        "customer.updated",
+        "invoice.paid",
+        "customer.subscription.updated",
+        "invoice.paid",
+        "customer.updated",
+        "invoice.paid",
+    ];
+    let plan = (step / 25) as usize + c as usize;
+    let (price, product) = PRODUCTS[plan % PRODUCTS.len()];
+    if step == 0 {
+        return subscription_event(
+            run,
+            i,
+            c,
+            "customer.subscription.created",
+            "active",
+            price,
+            product,
+            created,
+        );
+    }
+    match CYCLE[(step as usize) % CYCLE.len()] {
+        "invoice.paid" => format!(
+            r#"{{"id":"evt_{run}_{i}","object":"event","api_version":"2025-03-31.basil","created":{created},"livemode":false,"pending_webhooks":1,"request":{{"id":null,"idempotency_key":null}},"type":"invoice.paid","data":{{"object":{{"id":"in_{c}_{step}","object":"invoice","customer":"cus_{c}","status":"paid","amount_due":4900,"amount_paid":4900,"amount_remaining":0,"attempt_count":1,"attempted":true,"billing_reason":"subscription_cycle","collection_method":"charge_automatically","currency":"usd","livemode":false,"metadata":{{}},"next_payment_attempt":null,"parent":{{"type":"subscription_details","subscription_details":{{"subscription":"sub_{c}","metadata":{{}}}}}},"lines":{{"object":"list","data":[{{"id":"il_{c}_{step}","object":"line_item","amount":4900,"currency":"usd","period":{{"start":{created},"end":{end}}},"pricing":{{"type":"price_details","price_details":{{"price":"{price}","product":"{product}"}}}},"quantity":1}}],"has_more":false}},"period_start":{created},"period_end":{end},"total":4900}}}}}}"#,
+            end = created + 2_592_000
+        ),
+        "customer.updated" => format!(
+            r#"{{"id":"evt_{run}_{i}","object":"event","api_version":"2025-03-31.basil","created":{created},"livemode":false,"pending_webhooks":1,"request":{{"id":null,"idempotency_key":null}},"type":"customer.updated","data":{{"object":{{"id":"cus_{c}","object":"customer","address":null,"balance":0,"created":1767225600,"currency":"usd","delinquent":false,"description":null,"email":"user{c}+{step}@example.com","invoice_prefix":"A{c}","livemode":false,"metadata":{{"seen":"{step}"}},"name":"Customer {c}","phone":null,"preferred_locales":[],"tax_exempt":"none"}},"previous_attributes":{{"email":"user{c}@example.com"}}}}}}"#
+        ),
+        _ => subscription_event(
+            run,
+            i,
+            c,
+            "customer.subscription.updated",
+            "active",
+            price,
+            product,
+            created,
+        ),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn subscription_event(
+    run: &str,
+    i: u64,
+    c: u64,
+    event_type: &str,
+    status: &str,
+    price: &str,
+    product: &str,
+    created: i64,
+) -> String {
+    format!(
+        r#"{{"id":"evt_{run}_{i}","object":"event","api_version":"2025-03-31.basil","created":{created},"livemode":false,"pending_webhooks":1,"request":{{"id":null,"idempotency_key":null}},"type":"{event_type}","data":{{"object":{{"id":"sub_{c}","object":"subscription","customer":"cus_{c}","status":"{status}","cancel_at_period_end":false,"collection_method":"charge_automatically","currency":"usd","livemode":false,"metadata":{{}},"items":{{"object":"list","data":[{{"id":"si_{c}","object":"subscription_item","price":{{"id":"{price}","object":"price","product":"{product}","lookup_key":null,"recurring":{{"interval":"month"}}}},"quantity":1,"current_period_start":{created},"current_period_end":{end}}}],"has_more":false}}}}}}}}"#,
+        end = created + 2_592_000
+    )
+}
+
+/// Peak resident set of a process, KiB (`VmHWM` in /proc), 0 when unreadable.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }

@@ -128,7 +128,12 @@ pub fn create_consumer(
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("fetch.max.bytes", "52428800")
-        .set("queued.max.messages.kbytes", "131072")
+        // librdkafka fills its prefetch queue per partition, so the defaults (100,000 records)
+        // and 128 MiB here let a catch-up hold most of the log in memory: peak RSS grew with
+        // the log, 160 MiB at 100k events, 275 MiB at 200k. Bounded per partition instead:
+        // still seconds of records at catch-up speed (BENCHMARKS.md, "Catch-up").
+        .set("queued.min.messages", "20000")
+        .set("queued.max.messages.kbytes", "16384")
         .create_with_context(context)
 }
 
