@@ -37,10 +37,6 @@ use crate::store::{self, BatchContext, BatchMode, REBUILD_LOCK};
 use progress::Progress;
 use replay::LogReader;
 
-/// Held (session level) for a whole rebuild: one rebuild at a time, so that a rebuild finding
-/// `rebuild_*` schemas knows they are an interrupted run's leftovers and may drop them.
-const REBUILD_RUNNING: i64 = 0x5354_5249_5045_0002;
-
 /// Every schema a rebuild creates starts with this.
 const SCHEMA_PREFIX: &str = "rebuild_";
 
@@ -167,7 +163,7 @@ pub async fn rebuild(
     // The session that holds the rebuild's locks and runs the swap.
     let mut control = live.acquire().await?.detach();
     let running: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-        .bind(REBUILD_RUNNING)
+        .bind(crate::store::REBUILD_RUNNING_LOCK)
         .fetch_one(&mut control)
         .await?;
     if !running {

@@ -16,6 +16,12 @@ use crate::projection::CustomerKey;
 /// time across every `projector run` instance on the database).
 pub const RELAY_LEADER_LOCK: i64 = 0x5354_5249_5045_0002;
 
+/// Key of the session-level advisory lock held for a whole `projector rebuild`: one rebuild at a
+/// time, so that a rebuild finding `rebuild_*` schemas knows they are an interrupted run's
+/// leftovers and may drop them. Every fixed lock key lives in this file, so none is used twice
+/// (see the test): the rebuild lock of live batches is `store::REBUILD_LOCK`, `…_0001`.
+pub const REBUILD_RUNNING_LOCK: i64 = 0x5354_5249_5045_0003;
+
 /// The advisory-lock key of one customer: the first 8 bytes of SHA-256 over (account,
 /// customer). Stable across processes, versions and machines, which `Hash` is not. A collision
 /// only makes two customers wait for each other, never lets two writers of one customer in.
@@ -107,5 +113,20 @@ mod tests {
         assert_eq!(forward, backward);
         assert_eq!(forward.len(), 3);
         assert!(forward.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn fixed_lock_keys_are_distinct() {
+        let keys = [
+            super::super::REBUILD_LOCK,
+            RELAY_LEADER_LOCK,
+            REBUILD_RUNNING_LOCK,
+        ];
+        let unique: std::collections::HashSet<i64> = keys.into_iter().collect();
+        assert_eq!(
+            unique.len(),
+            keys.len(),
+            "two advisory locks share a key: {keys:x?}"
+        );
     }
 }

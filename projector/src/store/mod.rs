@@ -22,7 +22,7 @@ pub use batch::{
 };
 pub use dedupe::prune_processed_events;
 pub use load::load_states;
-pub use locks::{lock_customers, RELAY_LEADER_LOCK};
+pub use locks::{lock_customers, REBUILD_RUNNING_LOCK, RELAY_LEADER_LOCK};
 pub use poison::{dead_letter_rejected, DATABASE_REJECTED};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
