@@ -260,10 +260,12 @@ async fn deliver(
         while faults_begun.load(Ordering::SeqCst) < k {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let outcomes: Vec<Option<String>> = stream::iter(chunk)
+        // Owned clones: a future borrowing the chunk is not `Send` for every lifetime, which
+        // `tokio::spawn` needs.
+        let outcomes: Vec<Option<String>> = stream::iter(chunk.to_vec())
             .map(|body| {
-                let (client, url, retries) = (&client, &ingest_url, &retries);
-                async move { deliver_one(client, url, body, retries).await }
+                let (client, url, retries) = (client.clone(), ingest_url.clone(), retries.clone());
+                async move { deliver_one(&client, &url, &body, &retries).await }
             })
             .buffer_unordered(IN_FLIGHT)
             .collect()
@@ -646,7 +648,7 @@ async fn chaos() {
         .expect("create the oracle database");
     let oracle_url = database_url_for(&admin_database_url(), &oracle_db);
     let mut oracle_env = pipeline.projector_env();
-    for (name, value) in oracle_env.iter_mut() {
+    for (name, value) in &mut oracle_env {
         match name.as_str() {
             "DATABASE_URL" => *value = oracle_url.clone(),
             "PROJECTOR_GROUP" => *value = format!("{oracle_db}-group"),
