@@ -96,7 +96,7 @@ pub struct Service {
 }
 
 impl Service {
-    fn spawn(
+    pub fn spawn(
         name: &'static str,
         binary: PathBuf,
         args: &[&str],

@@ -1,0 +1,742 @@
+//! The chaos harness (`scripts/chaos`): a Stripe-like sender delivers a scripted population of
+//! lifecycle events, with redeliveries and out-of-order arrival, retrying every non-2xx with
+//! backoff; meanwhile the broker, two `projector run` instances, ingest and Postgres are each
+//! SIGKILLed and restarted at random moments. At the end every acknowledged event must be in the
+//! log, the projections must equal an oracle, the folded change topic must equal the read API and
+//! the DLQ must be empty.
+//!
+//! It kills the broker and Postgres, so it runs only against a stack instance of its own:
+//! `#[ignore]`d, run by `scripts/chaos`, which starts that instance and sets `CHAOS_STACK_DIR`.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{self, StreamExt};
+use rdkafka::message::Message;
+use serde_json::{json, Value};
+use sqlx::{Connection, PgConnection};
+
+use common::events::*;
+use common::*;
+
+const T0: i64 = 1_767_225_600;
+const MONTH: i64 = 2_592_000;
+const IN_FLIGHT: usize = 16;
+/// Stripe's retry schedule is hours long; here the first retry comes after 100 ms and the gap
+/// doubles up to 2 s, so an outage of a few seconds costs a few retries.
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// An event still without a 2xx after this long counts as lost.
+const DELIVERY_DEADLINE: Duration = Duration::from_secs(600);
+const SETTLE_DEADLINE: Duration = Duration::from_secs(300);
+
+const PRO: Item<'static> = ("price_pro_month", "prod_pro", None);
+const TEAM: Item<'static> = ("price_team_month", "prod_team", None);
+const ENTERPRISE: Item<'static> = ("price_ent_year", "prod_ent", Some("enterprise"));
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    Broker,
+    ProjectorA,
+    ProjectorB,
+    Ingest,
+    Postgres,
+}
+
+const FAULTS: [Fault; 5] = [
+    Fault::Broker,
+    Fault::ProjectorA,
+    Fault::ProjectorB,
+    Fault::Ingest,
+    Fault::Postgres,
+];
+
+struct Settings {
+    seed: u64,
+    customers: usize,
+    rounds: usize,
+    stack_dir: PathBuf,
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        let number = |name: &str, default: u64| {
+            std::env::var(name)
+                .ok()
+                .map(|v| v.parse::<u64>().unwrap_or_else(|_| panic!("{name}={v}")))
+                .unwrap_or(default)
+        };
+        Settings {
+            seed: number("CHAOS_SEED", fastrand::u64(..)),
+            customers: number("CHAOS_CUSTOMERS", 30) as usize,
+            rounds: number("CHAOS_ROUNDS", 1) as usize,
+            stack_dir: PathBuf::from(
+                std::env::var("CHAOS_STACK_DIR").expect("CHAOS_STACK_DIR: run scripts/chaos"),
+            ),
+        }
+    }
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace root")
+        .to_path_buf()
+}
+
+struct Workload {
+    /// Webhook bodies in sending order, redeliveries included.
+    bodies: Vec<String>,
+    /// Distinct events among them.
+    events: usize,
+    customers: Vec<String>,
+}
+
+/// Per customer: a customer, a Checkout with `client_reference_id`, a subscription moving
+/// through statuses and items, invoices paid and failed, and for some a cancellation, a second
+/// subscription, or a deleted customer. Every ninth event is redelivered; the arrival order is
+/// shuffled with the run's seed.
+fn workload(customers: usize, rng: &mut fastrand::Rng) -> Workload {
+    let mut events: Vec<Event> = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..customers {
+        let c = format!("cus_chaos_{i:05}");
+        ids.push(c.clone());
+        let basil = i % 2 == 0;
+        let t = T0 + i as i64 * 1_000;
+        let end = t + MONTH;
+        let sub_a = format!("sub_chaos_{i:05}_a");
+        let sub_b = format!("sub_chaos_{i:05}_b");
+        let sub = |id: &str, status: &str, items: &[Item<'_>]| {
+            subscription(id, &c, status, items, end, basil)
+        };
+        let invoice_of = |n: u32, status: &str, attempts: i64, next: Option<i64>| {
+            invoice(
+                &format!("in_chaos_{i:05}_{n}"),
+                &c,
+                &sub_a,
+                status,
+                attempts,
+                next,
+                end,
+                basil,
+            )
+        };
+        let mut mine = vec![
+            ("customer.created", t, customer(&c, false)),
+            (
+                "checkout.session.completed",
+                t + 5,
+                checkout_session(
+                    &format!("cs_chaos_{i:05}"),
+                    &c,
+                    Some(&format!("user_{i:05}")),
+                    "subscription",
+                    "paid",
+                    Some(&sub_a),
+                    json!({}),
+                ),
+            ),
+            (
+                "customer.subscription.created",
+                t + 5,
+                sub(&sub_a, "incomplete", &[PRO]),
+            ),
+            (
+                "customer.subscription.updated",
+                t + 6,
+                sub(&sub_a, "active", &[PRO]),
+            ),
+            ("invoice.paid", t + 6, invoice_of(1, "paid", 1, None)),
+            (
+                "invoice.payment_failed",
+                t + 100,
+                invoice_of(2, "open", 1, Some(t + 300)),
+            ),
+            (
+                "customer.subscription.updated",
+                t + 100,
+                sub(&sub_a, "past_due", &[PRO]),
+            ),
+        ];
+        match i % 3 {
+            0 => mine.extend([
+                (
+                    "customer.subscription.updated",
+                    t + 200,
+                    sub(&sub_a, "active", &[PRO, TEAM]),
+                ),
+                ("invoice.paid", t + 200, invoice_of(2, "paid", 2, None)),
+            ]),
+            1 => mine.extend([
+                (
+                    "customer.subscription.updated",
+                    t + 200,
+                    sub(&sub_a, "unpaid", &[PRO]),
+                ),
+                (
+                    "customer.subscription.deleted",
+                    t + 300,
+                    sub(&sub_a, "canceled", &[PRO]),
+                ),
+            ]),
+            _ => mine.push((
+                "customer.subscription.updated",
+                t + 200,
+                with(
+                    sub(&sub_a, "active", &[TEAM]),
+                    "cancel_at_period_end",
+                    json!(true),
+                ),
+            )),
+        }
+        if i % 4 == 0 {
+            mine.push((
+                "customer.subscription.created",
+                t + 50,
+                sub(&sub_b, "trialing", &[ENTERPRISE]),
+            ));
+        }
+        if i % 17 == 0 {
+            mine.push(("customer.deleted", t + 500, deleted_customer(&c, false)));
+        }
+        for (n, (event_type, created, object)) in mine.into_iter().enumerate() {
+            let mut event = Event::new(
+                &format!("evt_chaos_{i:05}_{n:02}"),
+                event_type,
+                created,
+                object,
+            );
+            if !basil {
+                event = event.legacy_api();
+            }
+            events.push(event);
+        }
+    }
+    let mut bodies: Vec<String> = events.iter().map(Event::body).collect();
+    let redeliveries: Vec<String> = bodies.iter().step_by(9).cloned().collect();
+    bodies.extend(redeliveries);
+    rng.shuffle(&mut bodies);
+    Workload {
+        bodies,
+        events: events.len(),
+        customers: ids,
+    }
+}
+
+/// What the sender saw.
+#[derive(Default)]
+struct Delivery {
+    /// Event ids that got a 2xx.
+    acknowledged: BTreeSet<String>,
+    /// Bodies never acknowledged within `DELIVERY_DEADLINE`.
+    undelivered: usize,
+    retries: u64,
+}
+
+/// Delivers like Stripe: signed with the time of each attempt, `IN_FLIGHT` at a time, every
+/// non-2xx and every connection error retried with a doubling backoff. Chunk `k` starts once
+/// `k` faults have begun, so deliveries and faults interleave however long either takes.
+async fn deliver(
+    bodies: Vec<String>,
+    ingest_url: Arc<RwLock<String>>,
+    faults_begun: Arc<AtomicUsize>,
+    chunks: usize,
+) -> Delivery {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("HTTP client");
+    let retries = Arc::new(AtomicU64::new(0));
+    let mut delivery = Delivery::default();
+    let chunk_len = bodies.len().div_ceil(chunks).max(1);
+    for (k, chunk) in bodies.chunks(chunk_len).enumerate() {
+        while faults_begun.load(Ordering::SeqCst) < k {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Owned clones: a future borrowing the chunk is not `Send` for every lifetime, which
+        // `tokio::spawn` needs.
+        let outcomes: Vec<Option<String>> = stream::iter(chunk.to_vec())
+            .map(|body| {
+                let (client, url, retries) = (client.clone(), ingest_url.clone(), retries.clone());
+                async move { deliver_one(&client, &url, &body, &retries).await }
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
+        for outcome in outcomes {
+            match outcome {
+                Some(id) => {
+                    delivery.acknowledged.insert(id);
+                }
+                None => delivery.undelivered += 1,
+            }
+        }
+    }
+    delivery.retries = retries.load(Ordering::SeqCst);
+    delivery
+}
+
+/// The event id once ingest answered 2xx; `None` past the deadline.
+async fn deliver_one(
+    client: &reqwest::Client,
+    ingest_url: &RwLock<String>,
+    body: &str,
+    retries: &AtomicU64,
+) -> Option<String> {
+    let id = serde_json::from_str::<Value>(body).expect("a JSON body")["id"]
+        .as_str()
+        .expect("an event id")
+        .to_owned();
+    let deadline = Instant::now() + DELIVERY_DEADLINE;
+    let mut backoff = BACKOFF_FIRST;
+    loop {
+        let url = ingest_url.read().expect("url lock").clone();
+        let header = signature_header(SECRET, now(), body.as_bytes());
+        let answer = client
+            .post(&url)
+            .header("Stripe-Signature", header)
+            .body(body.to_owned())
+            .send()
+            .await;
+        if let Ok(response) = answer {
+            if response.status().is_success() {
+                return Some(id);
+            }
+        }
+        if Instant::now() + backoff > deadline {
+            return None;
+        }
+        retries.fetch_add(1, Ordering::Relaxed);
+        let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 2));
+        tokio::time::sleep(backoff + jitter).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// The services under fault, and the stack instance whose broker and Postgres get killed.
+struct Chaos {
+    pipeline: Pipeline,
+    /// The second `projector run` instance (the pipeline's own is the first).
+    second: Service,
+    ingest_url: Arc<RwLock<String>>,
+    stack_dir: PathBuf,
+    /// Service processes found dead at a check (not killed by the harness), by name.
+    died: BTreeMap<&'static str, u32>,
+}
+
+impl Chaos {
+    fn pid_in(&self, file: &str) -> u32 {
+        let text = std::fs::read_to_string(self.stack_dir.join(file))
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        text.lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {file}"))
+    }
+
+    fn sigkill(pid: u32) {
+        let status = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -KILL {pid}");
+        let gone = Instant::now() + Duration::from_secs(30);
+        while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            // A zombie has no cmdline; it is gone for our purposes once its parent reaps it.
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            if state.contains(") Z ") {
+                break;
+            }
+            assert!(Instant::now() < gone, "pid {pid} still alive after SIGKILL");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `scripts/stack <command>` on the chaos instance, retried until it succeeds: right after
+    /// a SIGKILL, Postgres may refuse to start while orphaned backends still hold its memory.
+    fn stack(&self, command: &str) {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let output = Command::new(repo_root().join("scripts/stack"))
+                .arg(command)
+                .env("STACK_DIR", &self.stack_dir)
+                .output()
+                .expect("scripts/stack");
+            if output.status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "scripts/stack {command} kept failing: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    fn kill(&mut self, fault: Fault) {
+        match fault {
+            Fault::Broker => Self::sigkill(self.pid_in("kafka.pid")),
+            Fault::Postgres => Self::sigkill(self.pid_in("postgres/postmaster.pid")),
+            Fault::ProjectorA => self
+                .pipeline
+                .projector
+                .as_mut()
+                .expect("projector A")
+                .kill(),
+            Fault::ProjectorB => self.second.kill(),
+            Fault::Ingest => self.pipeline.ingest.kill(),
+        }
+    }
+
+    fn restart(&mut self, fault: Fault) {
+        match fault {
+            Fault::Broker => self.stack("kafka-start"),
+            Fault::Postgres => self.stack("up"),
+            Fault::ProjectorA => {
+                self.pipeline.projector = None;
+                self.pipeline.start_projector();
+            }
+            Fault::ProjectorB => self.second = self.pipeline.spawn_projector(),
+            Fault::Ingest => {
+                self.pipeline.restart_ingest();
+                *self.ingest_url.write().expect("url lock") = self.pipeline.ingest_url();
+            }
+        }
+    }
+
+    /// Restarts any service that exited by itself (e.g. on losing Postgres), and counts it.
+    fn revive(&mut self) {
+        let exited = |service: &mut Service| service.child.try_wait().ok().flatten().is_some();
+        if exited(self.pipeline.projector.as_mut().expect("projector A")) {
+            *self.died.entry("projector A").or_default() += 1;
+            self.restart(Fault::ProjectorA);
+        }
+        if exited(&mut self.second) {
+            *self.died.entry("projector B").or_default() += 1;
+            self.restart(Fault::ProjectorB);
+        }
+        if exited(&mut self.pipeline.ingest) {
+            *self.died.entry("ingest").or_default() += 1;
+            self.restart(Fault::Ingest);
+        }
+    }
+}
+
+/// Records in the topic: the sum of the high watermarks (no transactions, so no markers).
+fn log_records(topic: &str) -> u64 {
+    read_topic_to_end(topic).len() as u64
+}
+
+/// Polls until the stored offsets of the database cover `records` and its outbox is published.
+async fn settle(database_url: &str, topic: &str, records: u64) {
+    let deadline = Instant::now() + SETTLE_DEADLINE;
+    loop {
+        if let Ok(mut db) = PgConnection::connect(database_url).await {
+            let applied: Option<i64> = sqlx::query_scalar(
+                "SELECT sum(next_offset)::int8 FROM consumer_offsets WHERE topic = $1",
+            )
+            .bind(topic)
+            .fetch_one(&mut db)
+            .await
+            .unwrap_or(None);
+            let pending: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM outbox WHERE published_at IS NULL AND parked_at IS NULL",
+            )
+            .fetch_one(&mut db)
+            .await
+            .unwrap_or(1);
+            if applied.unwrap_or(0) as u64 >= records && pending == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not settled: applied {applied:?} of {records} records, {pending} outbox rows pending"
+            );
+        }
+        assert!(Instant::now() < deadline, "Postgres unreachable at settle");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn projections_at(database_url: &str) -> BTreeMap<&'static str, Vec<Value>> {
+    let mut db = PgConnection::connect(database_url).await.expect("connect");
+    let mut tables = BTreeMap::new();
+    for (table, sql) in PROJECTIONS {
+        let wrapped = format!("SELECT to_jsonb(t)::text FROM ({sql}) t");
+        let rows: Vec<String> = sqlx::query_scalar(&wrapped)
+            .fetch_all(&mut db)
+            .await
+            .expect("projection rows");
+        tables.insert(
+            *table,
+            rows.iter()
+                .map(|r| serde_json::from_str(r).expect("JSON row"))
+                .collect(),
+        );
+    }
+    tables
+}
+
+/// Mismatches, each described; the harness prints them and fails if there is one.
+#[derive(Default)]
+struct Mismatches(Vec<String>);
+
+impl Mismatches {
+    fn add(&mut self, what: String) {
+        self.0.push(what);
+    }
+}
+
+/// Rows of each projection that differ between the chaos run and the oracle.
+fn compare_projections(
+    chaos: &BTreeMap<&'static str, Vec<Value>>,
+    oracle: &BTreeMap<&'static str, Vec<Value>>,
+    mismatches: &mut Mismatches,
+) {
+    for (table, _) in PROJECTIONS {
+        let (a, b) = (&chaos[table], &oracle[table]);
+        if a.len() != b.len() {
+            mismatches.add(format!(
+                "{table}: {} rows, the oracle {} rows",
+                a.len(),
+                b.len()
+            ));
+        }
+        for (row, (a, b)) in a.iter().zip(b).enumerate() {
+            if a != b {
+                mismatches.add(format!("{table} row {row}: {a} vs the oracle's {b}"));
+            }
+        }
+    }
+}
+
+/// The last change message per key, checking the versions have no gaps and the last message
+/// in log order is the newest (what compaction keeps).
+fn fold_changes(
+    changes: &[(Option<String>, Value)],
+    mismatches: &mut Mismatches,
+) -> BTreeMap<String, Value> {
+    let mut versions: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
+    let mut last: BTreeMap<String, Value> = BTreeMap::new();
+    for (key, message) in changes {
+        let Some(key) = key.clone() else {
+            mismatches.add(format!("an unkeyed change message: {message}"));
+            continue;
+        };
+        versions
+            .entry(key.clone())
+            .or_default()
+            .insert(message["version"].as_i64().unwrap_or(-1));
+        last.insert(key, message.clone());
+    }
+    for (key, seen) in &versions {
+        let newest = *seen.iter().next_back().expect("one version at least");
+        if seen.iter().copied().ne(1..=newest) {
+            mismatches.add(format!("{key}: change versions {seen:?} have gaps"));
+        }
+        if last[key]["version"] != newest {
+            mismatches.add(format!("{key}: the last change is not version {newest}"));
+        }
+    }
+    last
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "kills the broker and Postgres: run by scripts/chaos on its own stack instance"]
+async fn chaos() {
+    let settings = Settings::from_env();
+    let started = Instant::now();
+    eprintln!(
+        "chaos: seed {} ({} customers, {} faults of each kind)",
+        settings.seed, settings.customers, settings.rounds
+    );
+    let mut rng = fastrand::Rng::with_seed(settings.seed);
+    let workload = workload(settings.customers, &mut rng);
+    let mut plan: Vec<Fault> = Vec::new();
+    for _ in 0..settings.rounds {
+        let mut round = FAULTS.to_vec();
+        rng.shuffle(&mut round);
+        plan.extend(round);
+    }
+
+    let pipeline = Pipeline::start(Options::default()).await;
+    let second = pipeline.spawn_projector();
+    let ingest_url = Arc::new(RwLock::new(pipeline.ingest_url()));
+    let mut chaos = Chaos {
+        pipeline,
+        second,
+        ingest_url: ingest_url.clone(),
+        stack_dir: settings.stack_dir.clone(),
+        died: BTreeMap::new(),
+    };
+    let faults_begun = Arc::new(AtomicUsize::new(0));
+    let sender = tokio::spawn(deliver(
+        workload.bodies.clone(),
+        ingest_url,
+        faults_begun.clone(),
+        plan.len() + 1,
+    ));
+
+    // Faults, one at a time at random moments: a random wait, SIGKILL, a random time down,
+    // restart (which waits for the service to be ready), then revive whatever died of it.
+    let mut injected: BTreeMap<Fault, u32> = BTreeMap::new();
+    let plan_len = plan.len();
+    let fault_loop = tokio::task::spawn_blocking(move || {
+        for fault in plan {
+            std::thread::sleep(Duration::from_millis(rng.u64(200..2_000)));
+            faults_begun.fetch_add(1, Ordering::SeqCst);
+            chaos.kill(fault);
+            eprintln!("chaos: SIGKILL {fault:?} at {:?}", started.elapsed());
+            std::thread::sleep(Duration::from_millis(rng.u64(0..3_000)));
+            chaos.restart(fault);
+            chaos.revive();
+            *injected.entry(fault).or_default() += 1;
+        }
+        (chaos, injected)
+    });
+    let (mut chaos, injected) = fault_loop.await.expect("fault loop");
+    let delivery = sender.await.expect("sender");
+    chaos.revive();
+    eprintln!(
+        "chaos: {plan_len} faults and {} deliveries done at {:?}",
+        workload.bodies.len(),
+        started.elapsed()
+    );
+
+    let mut mismatches = Mismatches::default();
+    if delivery.undelivered > 0 {
+        mismatches.add(format!(
+            "{} deliveries never got a 2xx",
+            delivery.undelivered
+        ));
+    }
+
+    // Every acknowledged event is in the log.
+    let pipeline = &chaos.pipeline;
+    let logged: BTreeSet<String> = read_topic_to_end(&pipeline.events_topic)
+        .iter()
+        .filter_map(|m| {
+            let body: Value = serde_json::from_slice(m.payload()?).ok()?;
+            body["id"].as_str().map(str::to_owned)
+        })
+        .collect();
+    for id in delivery.acknowledged.difference(&logged) {
+        mismatches.add(format!("{id} got a 2xx but is not in the log"));
+    }
+    let records = log_records(&pipeline.events_topic);
+    settle(&pipeline.database_url, &pipeline.events_topic, records).await;
+
+    // The oracle: a projector that never saw a fault, on a fresh database and group, consuming
+    // the same log. It sees exactly the records the chaos run saw (redeliveries, and appends
+    // whose 2xx was lost with a killed ingest), which an in-process replay of the sent events
+    // could not know.
+    let oracle_db = unique("chaos_oracle").to_lowercase();
+    let mut admin = PgConnection::connect(&admin_database_url())
+        .await
+        .expect("connect");
+    sqlx::query(&format!("CREATE DATABASE {oracle_db}"))
+        .execute(&mut admin)
+        .await
+        .expect("create the oracle database");
+    let oracle_url = database_url_for(&admin_database_url(), &oracle_db);
+    let mut oracle_env = pipeline.projector_env();
+    for (name, value) in &mut oracle_env {
+        match name.as_str() {
+            "DATABASE_URL" => *value = oracle_url.clone(),
+            "PROJECTOR_GROUP" => *value = format!("{oracle_db}-group"),
+            "ENTITLEMENTS_TOPIC" => *value = format!("{oracle_db}.changes"),
+            "DLQ_TOPIC" => *value = format!("{oracle_db}.dlq"),
+            _ => {}
+        }
+    }
+    let _oracle = Service::spawn(
+        "oracle projector",
+        binary("projector"),
+        &["run"],
+        &oracle_env,
+        "projector listening",
+    );
+    settle(&oracle_url, &pipeline.events_topic, records).await;
+    let projected = projections_at(&pipeline.database_url).await;
+    // Two empty projections would compare equal: every customer must be there.
+    if projected["customers"].len() != workload.customers.len() {
+        mismatches.add(format!(
+            "{} customers projected of {}",
+            projected["customers"].len(),
+            workload.customers.len()
+        ));
+    }
+    compare_projections(
+        &without_version(projected),
+        &without_version(projections_at(&oracle_url).await),
+        &mut mismatches,
+    );
+
+    // The folded change topic equals the read API for every customer.
+    let folded = fold_changes(&pipeline.changes(), &mut mismatches);
+    for customer in &workload.customers {
+        let (status, mut view) = pipeline
+            .get(&format!("/v1/customers/{customer}/entitlements"))
+            .await;
+        let Some(mut message) = folded.get(customer).cloned() else {
+            mismatches.add(format!("{customer}: no change message"));
+            continue;
+        };
+        if status != 200 {
+            mismatches.add(format!("{customer}: the API answered {status}"));
+            continue;
+        }
+        // `updated_at` follows every event (an invoice moves it) without a new version.
+        for field in ["type", "added", "removed", "cause", "updated_at"] {
+            message.as_object_mut().expect("an object").remove(field);
+        }
+        view.as_object_mut()
+            .expect("an object")
+            .remove("updated_at");
+        if message != view {
+            mismatches.add(format!("{customer}: folded change {message} vs API {view}"));
+        }
+    }
+
+    // No poison was sent, so the DLQ holds nothing and nothing was dead-lettered.
+    let dlq = read_topic_to_end(&pipeline.dlq_topic).len();
+    if dlq > 0 {
+        mismatches.add(format!("the DLQ holds {dlq} records"));
+    }
+    let mut db = pipeline.db().await;
+    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
+        .fetch_one(&mut db)
+        .await
+        .expect("count dead letters");
+    if dead > 0 {
+        mismatches.add(format!("{dead} dead letters"));
+    }
+
+    for m in &mismatches.0 {
+        eprintln!("chaos: MISMATCH {m}");
+    }
+    let kinds: Vec<String> = injected.iter().map(|(k, n)| format!("{k:?} {n}")).collect();
+    eprintln!(
+        "chaos: seed {} | events {} distinct, {} deliveries | acknowledged {} | retries {} | log \
+         records {} | faults: {} | died on their own: {:?} | mismatches {} | {:?}",
+        settings.seed,
+        workload.events,
+        workload.bodies.len(),
+        delivery.acknowledged.len(),
+        delivery.retries,
+        records,
+        kinds.join(", "),
+        chaos.died,
+        mismatches.0.len(),
+        started.elapsed()
+    );
+    assert_eq!(mismatches.0.len(), 0, "mismatches (seed {})", settings.seed);
+}
