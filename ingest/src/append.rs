@@ -90,26 +90,18 @@ impl EventLog {
         receipt: &Receipt<'_>,
         metrics: &Metrics,
     ) -> Result<Appended, AppendError> {
-        let created = event.created.to_string();
         let received_at = receipt.received_at_ms.to_string();
-        let mut headers = OwnedHeaders::new_with_capacity(8)
-            .insert(h(header::EVENT_ID, event.id))
-            .insert(h(header::EVENT_TYPE, event.event_type))
-            .insert(h(header::CREATED, &created))
-            .insert(h(
-                header::LIVEMODE,
-                if event.livemode { "true" } else { "false" },
-            ));
-        if let Some(version) = event.api_version {
-            headers = headers.insert(h(header::API_VERSION, version));
-        }
-        if let Some(account) = event.account {
-            headers = headers.insert(h(header::ACCOUNT, account));
-        }
-        headers = headers
-            .insert(h(header::SIGNATURE, receipt.signature))
-            .insert(h(header::RECEIVED_AT, &received_at))
-            .insert(h(header::SOURCE, EventSource::Webhook.as_str()));
+        let headers = event_headers(EventHeaders {
+            id: event.id,
+            event_type: event.event_type,
+            created: event.created,
+            livemode: event.livemode,
+            api_version: event.api_version,
+            account: event.account,
+        })
+        .insert(h(header::SIGNATURE, receipt.signature))
+        .insert(h(header::RECEIVED_AT, &received_at))
+        .insert(h(header::SOURCE, EventSource::Webhook.as_str()));
         let key = event.partition_key();
         let record = FutureRecord::to(&self.events_topic)
             .key(&key)
@@ -129,25 +121,17 @@ impl EventLog {
         record: &SourcedRecord<'_>,
         received_at_ms: i64,
     ) -> Result<Appended, AppendError> {
-        let created = record.created.to_string();
         let received_at = received_at_ms.to_string();
-        let mut headers = OwnedHeaders::new_with_capacity(8)
-            .insert(h(header::EVENT_ID, record.id))
-            .insert(h(header::EVENT_TYPE, record.event_type))
-            .insert(h(header::CREATED, &created))
-            .insert(h(
-                header::LIVEMODE,
-                if record.livemode { "true" } else { "false" },
-            ));
-        if let Some(version) = record.api_version {
-            headers = headers.insert(h(header::API_VERSION, version));
-        }
-        if let Some(account) = record.account {
-            headers = headers.insert(h(header::ACCOUNT, account));
-        }
-        headers = headers
-            .insert(h(header::RECEIVED_AT, &received_at))
-            .insert(h(header::SOURCE, record.source.as_str()));
+        let headers = event_headers(EventHeaders {
+            id: record.id,
+            event_type: record.event_type,
+            created: record.created,
+            livemode: record.livemode,
+            api_version: record.api_version,
+            account: record.account,
+        })
+        .insert(h(header::RECEIVED_AT, &received_at))
+        .insert(h(header::SOURCE, record.source.as_str()));
         let record = FutureRecord::to(&self.events_topic)
             .key(record.key)
             .payload(record.body)
@@ -228,6 +212,36 @@ impl EventLog {
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
         self.producer.flush(timeout)
     }
+}
+
+/// What SPEC §5's headers say about the event itself, whoever wrote the record.
+struct EventHeaders<'a> {
+    id: &'a str,
+    event_type: &'a str,
+    created: i64,
+    livemode: bool,
+    api_version: Option<&'a str>,
+    account: Option<&'a str>,
+}
+
+/// The event's own headers (SPEC §5); each writer adds where the record came from.
+fn event_headers(event: EventHeaders<'_>) -> OwnedHeaders {
+    let created = event.created.to_string();
+    let mut headers = OwnedHeaders::new_with_capacity(9)
+        .insert(h(header::EVENT_ID, event.id))
+        .insert(h(header::EVENT_TYPE, event.event_type))
+        .insert(h(header::CREATED, &created))
+        .insert(h(
+            header::LIVEMODE,
+            if event.livemode { "true" } else { "false" },
+        ));
+    if let Some(version) = event.api_version {
+        headers = headers.insert(h(header::API_VERSION, version));
+    }
+    if let Some(account) = event.account {
+        headers = headers.insert(h(header::ACCOUNT, account));
+    }
+    headers
 }
 
 fn h<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
