@@ -8,7 +8,6 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use futures_util::stream::{self, StreamExt};
 use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::ClientConfig;
@@ -22,42 +21,6 @@ const T0: i64 = 1_767_225_600;
 const MONTH: i64 = 2_592_000;
 const PRO: Item<'static> = ("price_pro_month", "prod_pro", None);
 const TEAM: Item<'static> = ("price_team_month", "prod_team", None);
-/// Webhook requests in flight at once.
-const IN_FLIGHT: usize = 32;
-
-/// Signs and POSTs every body with `IN_FLIGHT` requests at a time; asserts each is a 200.
-async fn send_concurrently(client: &reqwest::Client, url: &str, bodies: &[String]) -> u64 {
-    let statuses: Vec<(u16, String)> = stream::iter(bodies)
-        .map(|body| async move {
-            let header = signature_header(SECRET, now(), body.as_bytes());
-            let response = client
-                .post(url)
-                .header("Stripe-Signature", header)
-                .body(body.clone())
-                .send()
-                .await
-                .expect("POST to ingest");
-            let status = response.status().as_u16();
-            (status, response.text().await.unwrap_or_default())
-        })
-        .buffer_unordered(IN_FLIGHT)
-        .collect()
-        .await;
-    for (status, body) in &statuses {
-        assert_eq!(*status, 200, "ingest answered {status}: {body}");
-    }
-    statuses.len() as u64
-}
-
-async fn applied_records(db: &mut PgConnection, topic: &str) -> u64 {
-    let applied: Option<i64> =
-        sqlx::query_scalar("SELECT sum(next_offset)::int8 FROM consumer_offsets WHERE topic = $1")
-            .bind(topic)
-            .fetch_one(db)
-            .await
-            .unwrap();
-    applied.unwrap_or(0) as u64
-}
 
 /// Polls until the stored offsets cover `records` records.
 async fn wait_until_applied(pipeline: &Pipeline, records: u64, within: Duration) {

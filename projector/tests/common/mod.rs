@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures_util::StreamExt;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
@@ -719,4 +720,41 @@ pub fn read_topic(topic: &str, count: usize, deadline: Duration) -> Vec<OwnedMes
         }
     }
     records
+}
+
+/// Webhook requests in flight at once in the concurrent senders.
+pub const IN_FLIGHT: usize = 32;
+
+/// Signs and POSTs every body with `IN_FLIGHT` requests at a time; asserts each is a 200.
+pub async fn send_concurrently(client: &reqwest::Client, url: &str, bodies: &[String]) -> u64 {
+    let statuses: Vec<(u16, String)> = futures_util::stream::iter(bodies)
+        .map(|body| async move {
+            let header = signature_header(SECRET, now(), body.as_bytes());
+            let response = client
+                .post(url)
+                .header("Stripe-Signature", header)
+                .body(body.clone())
+                .send()
+                .await
+                .expect("POST to ingest");
+            let status = response.status().as_u16();
+            (status, response.text().await.unwrap_or_default())
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .collect()
+        .await;
+    for (status, body) in &statuses {
+        assert_eq!(*status, 200, "ingest answered {status}: {body}");
+    }
+    statuses.len() as u64
+}
+
+pub async fn applied_records(db: &mut PgConnection, topic: &str) -> u64 {
+    let applied: Option<i64> =
+        sqlx::query_scalar("SELECT sum(next_offset)::int8 FROM consumer_offsets WHERE topic = $1")
+            .bind(topic)
+            .fetch_one(db)
+            .await
+            .unwrap();
+    applied.unwrap_or(0) as u64
 }
