@@ -352,7 +352,11 @@ mod tests {
         // Vector `valid_single_v1` of tests/vectors, signed by stripe-python.
         let body = br#"{"id":"evt_test_webhook","object":"event","type":"invoice.paid"}"#;
         assert_eq!(
-            sign(b"whsec_hDAEYqL62pBum9BIy2ewA5s02KGvdiP4", "1699999990", body),
+            sign(
+                b"whsec_hDAEYqL62pBum9BIy2ewA5s02KGvdiP4",
+                "1699999990",
+                body
+            ),
             "a9d4b14f011d954d43e7ecd317d165dfaa5314d5f5296851612b5dd49b4458f4"
         );
     }

@@ -91,7 +91,11 @@ fn authorize(request: &HttpRequest, state: &ApiState) -> Result<(), ApiError> {
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or(ApiError::Unauthorized)?;
     // A token of the wrong length fails at once: the length is not the secret, the bytes are.
-    if bool::from(presented.as_bytes().ct_eq(expected.expose_secret().as_bytes())) {
+    let matches: bool = presented
+        .as_bytes()
+        .ct_eq(expected.expose_secret().as_bytes())
+        .into();
+    if matches {
         Ok(())
     } else {
         Err(ApiError::Unauthorized)
@@ -209,6 +213,6 @@ async fn readyz(state: web::Data<ApiState>) -> HttpResponse {
 
 async fn metrics(state: web::Data<ApiState>) -> HttpResponse {
     HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
+        .content_type(shared::metrics::CONTENT_TYPE)
         .body(state.metrics.render())
 }
