@@ -183,7 +183,9 @@ mod tests {
         let metrics = Metrics::default();
         metrics.events.add("customer.created", 2);
         metrics.ignored.inc("payment_intent.created");
-        metrics.thin_events.inc("v1.billing.meter.error_report_triggered");
+        metrics
+            .thin_events
+            .inc("v1.billing.meter.error_report_triggered");
         metrics.duplicates.inc("event_id");
         metrics.dead_lettered("unexpected_shape", 1);
         metrics.changes.inc("entitlements.changes");
