@@ -7,17 +7,18 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
-use shared::EventEnvelope;
+use shared::{Cause, ChangeMessage, EventEnvelope};
 
 use crate::config::Config;
 use crate::projection::entitlements::rfc3339;
-use crate::projection::same_entitlements;
 use crate::projection::{
-    compute, project, CustomerState, EntitlementPolicy, EntitlementView, ProjectedEvent,
+    change_message, compute, project, same_entitlements, CustomerState, EntitlementPolicy,
+    EntitlementView, ProjectedEvent,
 };
 use crate::store::text::storable_json;
 
-/// One change of the customer's entitlement object.
+/// One change of the customer's entitlement object, as `projector history` prints it: the
+/// change message the live projector announced for it, with Stripe's time of its cause.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HistoryEntry {
     /// Stripe's `created` of the event that caused it (RFC 3339).
@@ -31,8 +32,30 @@ pub struct HistoryEntry {
     pub subscriptions: Vec<String>,
 }
 
+impl HistoryEntry {
+    /// `change`, caused by an event Stripe created at `created` (unix seconds).
+    fn new(created: i64, change: &ChangeMessage<&EntitlementView>) -> Self {
+        HistoryEntry {
+            at: rfc3339(created),
+            event_id: change.cause.event_id.clone().unwrap_or_default(),
+            event_type: change.cause.event_type.clone(),
+            added: change.added.clone(),
+            removed: change.removed.clone(),
+            features: change.object.features.clone(),
+            subscriptions: change
+                .object
+                .subscriptions
+                .iter()
+                .map(|s| format!("{}={}", s.id, s.status))
+                .collect(),
+        }
+    }
+}
+
 /// Replays `events` (in log order) for one customer: every change, and the object as of the
-/// end (or as of `until`, unix seconds: only events created at or before it count).
+/// end (or as of `until`, unix seconds: only events created at or before it count). A change
+/// is what the live projector would announce: [`same_entitlements`] decides, [`change_message`]
+/// describes it.
 pub fn replay<'a>(
     events: impl IntoIterator<Item = &'a ProjectedEvent>,
     account: &str,
@@ -40,9 +63,15 @@ pub fn replay<'a>(
     policy: &EntitlementPolicy,
     until: Option<i64>,
 ) -> (Vec<HistoryEntry>, Option<EntitlementView>) {
+    /// The object as of the last event replayed, and the same as stored JSON, compared.
+    struct Current {
+        stored: serde_json::Value,
+        view: EntitlementView,
+    }
+
     let mut state = CustomerState::new(account, customer);
     let mut timeline = Vec::new();
-    let mut current: Option<(serde_json::Value, EntitlementView)> = None;
+    let mut current: Option<Current> = None;
     for event in events {
         if event.account != account
             || event.customer.as_deref() != Some(customer)
@@ -55,44 +84,28 @@ pub fn replay<'a>(
         }
         state.apply(event);
         let view = compute(&state, policy);
-        let value = serde_json::to_value(&view).unwrap_or_default();
-        if current
+        let stored = serde_json::to_value(&view).unwrap_or_default();
+        let changed = current
             .as_ref()
-            .is_some_and(|(old, _)| same_entitlements(old, &value))
-        {
-            // Not a change, but the object as of now still moves its `updated_at`, as the API's.
-            current = Some((value, view));
-            continue;
+            .is_none_or(|current| !same_entitlements(&current.stored, &stored));
+        if changed {
+            let before: &[String] = current.as_ref().map_or(&[], |c| &c.view.features);
+            // The version is the change's place in this replay: the store's counter is not in
+            // the log.
+            let version = timeline.len() as i64 + 1;
+            let change = change_message(
+                &view,
+                version,
+                before,
+                &view.features,
+                Cause::event(&event.event_id, &event.event_type),
+            );
+            timeline.push(HistoryEntry::new(event.created, &change));
         }
-        let old_features = current
-            .as_ref()
-            .map(|(_, v)| v.features.clone())
-            .unwrap_or_default();
-        timeline.push(HistoryEntry {
-            at: rfc3339(event.created),
-            event_id: event.event_id.clone(),
-            event_type: event.event_type.clone(),
-            added: view
-                .features
-                .iter()
-                .filter(|f| !old_features.contains(f))
-                .cloned()
-                .collect(),
-            removed: old_features
-                .iter()
-                .filter(|f| !view.features.contains(f))
-                .cloned()
-                .collect(),
-            features: view.features.clone(),
-            subscriptions: view
-                .subscriptions
-                .iter()
-                .map(|s| format!("{}={}", s.id, s.status))
-                .collect(),
-        });
-        current = Some((value, view));
+        // Not a change or not, the object as of now moves its `updated_at`, as the API's does.
+        current = Some(Current { stored, view });
     }
-    (timeline, current.map(|(_, view)| view))
+    (timeline, current.map(|current| current.view))
 }
 
 /// Reads the customer's events from the log (records keyed by the customer) and projects them.
@@ -178,6 +191,7 @@ pub fn parse_instant(text: &str) -> Result<i64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::projection::testing::{self, Api, CUSTOMER};
     use crate::projection::{Grant, Matcher, PastDue};
 
     fn policy() -> EntitlementPolicy {
@@ -196,11 +210,16 @@ mod tests {
         created: i64,
         status: &str,
     ) -> ProjectedEvent {
-        let body = format!(
-            r#"{{"id":"{id}","type":"{event_type}","created":{created},"data":{{"object":{{"id":"sub_1","object":"subscription","customer":"cus_1","status":"{status}","cancel_at_period_end":false,"items":{{"data":[{{"id":"si_1","price":{{"id":"price_1","product":"prod_pro"}},"quantity":1,"current_period_end":{end}}}]}}}}}}}}"#,
-            end = created + 2_592_000
+        let object = testing::subscription(
+            Api::Legacy,
+            "sub_1",
+            status,
+            &[("price_1", "prod_pro", None)],
         );
-        project(&EventEnvelope::parse(body.as_bytes()).unwrap()).unwrap()
+        testing::event(event_type, object)
+            .id(id)
+            .created(created)
+            .project()
     }
 
     #[test]
@@ -226,7 +245,7 @@ mod tests {
             ),
         ];
 
-        let (timeline, view) = replay(&events, "", "cus_1", &policy(), None);
+        let (timeline, view) = replay(&events, "", CUSTOMER, &policy(), None);
 
         assert_eq!(timeline.len(), 3);
         assert_eq!(timeline[0].added, ["pro"]);
@@ -235,6 +254,7 @@ mod tests {
         assert_eq!(timeline[2].event_id, "evt_3");
         assert_eq!(timeline[2].removed, ["pro"]);
         assert_eq!(timeline[2].at, "2026-01-04T00:00:00Z");
+        assert_eq!(timeline[2].event_type, "customer.subscription.updated");
         assert!(view.unwrap().features.is_empty());
     }
 
@@ -255,8 +275,8 @@ mod tests {
             ),
         ];
 
-        let (_, before) = replay(&events, "", "cus_1", &policy(), Some(1_767_484_799));
-        let (_, after) = replay(&events, "", "cus_1", &policy(), Some(1_767_484_800));
+        let (_, before) = replay(&events, "", CUSTOMER, &policy(), Some(1_767_484_799));
+        let (_, after) = replay(&events, "", CUSTOMER, &policy(), Some(1_767_484_800));
 
         assert_eq!(before.unwrap().features, ["pro"]);
         assert!(after.unwrap().features.is_empty());
@@ -270,10 +290,11 @@ mod tests {
             1_767_225_600,
             "active",
         )];
-        assert!(replay(&events, "acct_1", "cus_1", &policy(), None)
-            .0
-            .is_empty());
-        assert!(replay(&events, "", "cus_2", &policy(), None).0.is_empty());
+        let (other_account, _) = replay(&events, "acct_1", CUSTOMER, &policy(), None);
+        let (other_customer, _) = replay(&events, "", "cus_2", &policy(), None);
+
+        assert!(other_account.is_empty());
+        assert!(other_customer.is_empty());
     }
 
     #[test]

@@ -2,15 +2,21 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use shared::metrics::{render_gauge, CounterVec, Histogram, LATENCY_BUCKETS};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use shared::metrics::{self, latency_histogram, CounterVec, Histogram, Registry};
 
 pub struct Metrics {
     pub events: CounterVec,
     pub ignored: CounterVec,
     pub thin_events: CounterVec,
     pub duplicates: CounterVec,
+    /// By the dead letter's stable reason code (`empty_record`, `invalid_envelope`,
+    /// `unexpected_shape`, `database_rejected`): count through [`Metrics::dead_lettered`].
     pub dead_letters: CounterVec,
     pub changes: CounterVec,
     pub batch_latency: Histogram,
@@ -18,112 +24,229 @@ pub struct Metrics {
     /// Outbox rows the broker can never take (too large, invalid), set aside by reason.
     pub parked: CounterVec,
     /// Whether this instance holds the relay leader lock and so relays the outbox.
-    pub relay_leader: AtomicBool,
+    pub relay_leader: Arc<AtomicBool>,
     /// Offset gaps accepted because retention removed the records, by partition.
     pub offset_gaps: CounterVec,
     /// Failed batch transactions: `transient` (retried) or `data` (the batch was bisected).
     pub batch_failures: CounterVec,
     /// Consumer lag per partition, refreshed periodically.
-    pub lag: Mutex<BTreeMap<i32, i64>>,
+    pub lag: Arc<Mutex<BTreeMap<i32, i64>>>,
+    registry: Registry,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
+        let mut registry = Registry::default();
+        let mut counter = |name, help, label| {
+            let family = CounterVec::new(name, help, label);
+            family.register(&mut registry);
+            family
+        };
+        let events = counter(
+            "projector_events_applied_total",
+            "New events applied, by Stripe event type.",
+            "type",
+        );
+        let ignored = counter(
+            "projector_events_ignored_total",
+            "New events of types the projection ignores.",
+            "type",
+        );
+        let thin_events = counter(
+            "projector_thin_events_total",
+            "New thin events (v2.core.event), by type: kept in the log, not projected; \
+             ingest appends their related object as a backfill snapshot.",
+            "type",
+        );
+        let duplicates = counter(
+            "projector_duplicates_total",
+            "Records skipped as already applied.",
+            "kind",
+        );
+        let dead_letters = counter(
+            "projector_dead_letters_total",
+            "Records sent to the dead-letter queue, by reason.",
+            "reason",
+        );
+        let changes = counter(
+            "projector_entitlement_changes_total",
+            "Entitlement change messages written.",
+            "topic",
+        );
+        let published = counter(
+            "projector_outbox_published_total",
+            "Outbox messages acknowledged by Kafka.",
+            "topic",
+        );
+        let parked = counter(
+            "projector_outbox_parked_total",
+            "Outbox messages set aside because Kafka can never take them, by reason.",
+            "reason",
+        );
+        let offset_gaps = counter(
+            "projector_offset_gaps_total",
+            "Offset gaps accepted because the records were below the log's low watermark (removed by retention).",
+            "partition",
+        );
+        let batch_failures = counter(
+            "projector_batch_failures_total",
+            "Failed batch transactions, by kind: transient (retried with backoff) or data (bisected to the refused record).",
+            "kind",
+        );
+        let batch_latency = latency_histogram();
+        metrics::register(
+            &mut registry,
+            "projector_batch_seconds",
+            "Time to apply one batch in Postgres.",
+            batch_latency.clone(),
+        );
+        let sampled = Sampled::default();
+        registry.register_collector(Box::new(sampled.clone()));
         Metrics {
-            events: CounterVec::new(
-                "projector_events_applied_total",
-                "New events applied, by Stripe event type.",
-                "type",
-            ),
-            ignored: CounterVec::new(
-                "projector_events_ignored_total",
-                "New events of types the projection ignores.",
-                "type",
-            ),
-            thin_events: CounterVec::new(
-                "projector_thin_events_total",
-                "New thin events (v2.core.event), by type: kept in the log, not projected; \
-                 ingest appends their related object as a backfill snapshot.",
-                "type",
-            ),
-            duplicates: CounterVec::new(
-                "projector_duplicates_total",
-                "Records skipped as already applied.",
-                "kind",
-            ),
-            dead_letters: CounterVec::new(
-                "projector_dead_letters_total",
-                "Records sent to the dead-letter queue.",
-                "reason",
-            ),
-            changes: CounterVec::new(
-                "projector_entitlement_changes_total",
-                "Entitlement change messages written.",
-                "topic",
-            ),
-            batch_latency: Histogram::new(
-                "projector_batch_seconds",
-                "Time to apply one batch in Postgres.",
-                LATENCY_BUCKETS,
-            ),
-            published: CounterVec::new(
-                "projector_outbox_published_total",
-                "Outbox messages acknowledged by Kafka.",
-                "topic",
-            ),
-            parked: CounterVec::new(
-                "projector_outbox_parked_total",
-                "Outbox messages set aside because Kafka can never take them, by reason.",
-                "reason",
-            ),
-            relay_leader: AtomicBool::new(false),
-            offset_gaps: CounterVec::new(
-                "projector_offset_gaps_total",
-                "Offset gaps accepted because the records were below the log's low watermark (removed by retention).",
-                "partition",
-            ),
-            batch_failures: CounterVec::new(
-                "projector_batch_failures_total",
-                "Failed batch transactions, by kind: transient (retried with backoff) or data (bisected to the refused record).",
-                "kind",
-            ),
-            lag: Mutex::new(BTreeMap::new()),
+            events,
+            ignored,
+            thin_events,
+            duplicates,
+            dead_letters,
+            changes,
+            batch_latency,
+            published,
+            parked,
+            relay_leader: sampled.relay_leader,
+            offset_gaps,
+            batch_failures,
+            lag: sampled.lag,
+            registry,
         }
     }
 }
 
 impl Metrics {
+    /// Counts `n` records dead-lettered with the stable `reason` code their row and DLQ
+    /// header carry.
+    pub fn dead_lettered(&self, reason: &'static str, n: u64) {
+        self.dead_letters.add(reason, n);
+    }
+
+    /// The text of `GET /metrics`, in [`shared::metrics::CONTENT_TYPE`].
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(4096);
-        self.events.render(&mut out);
-        self.ignored.render(&mut out);
-        self.thin_events.render(&mut out);
-        self.duplicates.render(&mut out);
-        self.dead_letters.render(&mut out);
-        self.changes.render(&mut out);
-        self.published.render(&mut out);
-        self.parked.render(&mut out);
-        render_gauge(
-            &mut out,
+        metrics::render(&self.registry)
+    }
+}
+
+/// Values other tasks keep (the relay's leadership, the lag watcher's last reading), read at
+/// each scrape rather than copied into gauges as they change.
+#[derive(Debug, Clone, Default)]
+struct Sampled {
+    relay_leader: Arc<AtomicBool>,
+    lag: Arc<Mutex<BTreeMap<i32, i64>>>,
+}
+
+impl Collector for Sampled {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let leader = ConstGauge::new(i64::from(self.relay_leader.load(Ordering::Relaxed)));
+        leader.encode(encoder.encode_descriptor(
             "projector_relay_leader",
             "1 while this instance is the one relaying the outbox, else 0.",
-            u8::from(self.relay_leader.load(Ordering::Relaxed)),
-        );
-        self.offset_gaps.render(&mut out);
-        self.batch_failures.render(&mut out);
-        self.batch_latency.render(&mut out);
+            None,
+            MetricType::Gauge,
+        )?)?;
+
         let lag = self.lag.lock().unwrap_or_else(|e| e.into_inner());
-        render_gauge(
-            &mut out,
+        ConstGauge::new(lag.values().sum::<i64>()).encode(encoder.encode_descriptor(
             "projector_consumer_lag",
             "Records behind the end of the log, all partitions.",
-            lag.values().sum::<i64>(),
-        );
-        for (partition, value) in lag.iter() {
-            out.push_str(&format!(
-                "projector_consumer_lag_partition{{partition=\"{partition}\"}} {value}\n"
-            ));
+            None,
+            MetricType::Gauge,
+        )?)?;
+        let mut by_partition = encoder.encode_descriptor(
+            "projector_consumer_lag_partition",
+            "Records behind the end of the log, by partition.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (partition, behind) in lag.iter() {
+            let labels = [("partition", partition.to_string())];
+            ConstGauge::new(*behind).encode(by_partition.encode_family(&labels)?)?;
         }
-        out
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_family_of_the_spec_is_rendered_with_help_and_type() {
+        // Arrange: a family is rendered once it has a sample.
+        let metrics = Metrics::default();
+        metrics.events.add("customer.created", 2);
+        metrics.ignored.inc("payment_intent.created");
+        metrics
+            .thin_events
+            .inc("v1.billing.meter.error_report_triggered");
+        metrics.duplicates.inc("event_id");
+        metrics.dead_lettered("unexpected_shape", 1);
+        metrics.changes.inc("entitlements.changes");
+        metrics.published.inc("entitlements.changes");
+        metrics.parked.inc("message_too_large");
+        metrics.offset_gaps.inc("0");
+        metrics.batch_failures.inc("transient");
+        metrics.batch_latency.observe(0.02);
+        metrics.relay_leader.store(true, Ordering::Relaxed);
+        *metrics.lag.lock().unwrap() = BTreeMap::from([(0, 3), (1, 4)]);
+
+        // Act
+        let text = metrics.render();
+
+        // Assert
+        for (family, kind) in [
+            ("projector_events_applied_total", "counter"),
+            ("projector_events_ignored_total", "counter"),
+            ("projector_thin_events_total", "counter"),
+            ("projector_duplicates_total", "counter"),
+            ("projector_dead_letters_total", "counter"),
+            ("projector_entitlement_changes_total", "counter"),
+            ("projector_outbox_published_total", "counter"),
+            ("projector_outbox_parked_total", "counter"),
+            ("projector_offset_gaps_total", "counter"),
+            ("projector_batch_failures_total", "counter"),
+            ("projector_batch_seconds", "histogram"),
+            ("projector_relay_leader", "gauge"),
+            ("projector_consumer_lag", "gauge"),
+            ("projector_consumer_lag_partition", "gauge"),
+        ] {
+            let described = format!("# TYPE {family} {kind}\n");
+            assert!(text.contains(&described), "no `{described}` in\n{text}");
+        }
+        for sample in [
+            "projector_events_applied_total{type=\"customer.created\"} 2",
+            "projector_dead_letters_total{reason=\"unexpected_shape\"} 1",
+            "projector_batch_seconds_count 1",
+            "projector_relay_leader 1",
+            "projector_consumer_lag 7",
+            "projector_consumer_lag_partition{partition=\"0\"} 3",
+            "projector_consumer_lag_partition{partition=\"1\"} 4",
+        ] {
+            assert!(
+                text.lines().any(|l| l == sample),
+                "no `{sample}` in\n{text}"
+            );
+        }
+        assert_eq!(metrics::undescribed_families(&text), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn the_lag_of_a_partition_no_longer_assigned_disappears() {
+        let metrics = Metrics::default();
+        *metrics.lag.lock().unwrap() = BTreeMap::from([(0, 3), (1, 4)]);
+        let _ = metrics.render();
+
+        *metrics.lag.lock().unwrap() = BTreeMap::from([(1, 0)]);
+        let text = metrics.render();
+
+        assert!(!text.contains("partition=\"0\""), "{text}");
+        assert!(text.contains("projector_consumer_lag 0\n"), "{text}");
     }
 }
