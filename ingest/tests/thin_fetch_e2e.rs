@@ -3,15 +3,12 @@
 //! related object is fetched and appended as a `backfill` snapshot.
 
 mod common;
-mod support {
-    pub mod localstripe;
-}
 
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
-use support::localstripe::{LocalStripe, API_KEY};
+use testkit::localstripe::{LocalStripe, API_KEY};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 

@@ -486,22 +486,7 @@ async fn sigterm_drains_and_exits_zero() {
     );
     assert_eq!(post_signed(&client, &ingest, &body).await.status(), 200);
 
-    let pid = ingest.child.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = ingest.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "ingest did not stop within 30 s of SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = ingest.service.terminate();
+
     assert_eq!(status.code(), Some(0));
 }

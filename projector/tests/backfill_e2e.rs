@@ -4,15 +4,13 @@
 //! scenario compares the read API with the server's own state for every customer it made.
 
 mod common;
-#[path = "../../ingest/tests/support/localstripe.rs"]
-mod localstripe;
 
 use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use localstripe::{LocalStripe, API_KEY, PRO_PLAN, TEAM_PLAN};
+use testkit::localstripe::{LocalStripe, API_KEY, PRO_PLAN, TEAM_PLAN};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 use serde_json::Value;
