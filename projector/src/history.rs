@@ -178,7 +178,10 @@ pub fn parse_instant(text: &str) -> Result<i64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::projection::testing::{self, event, Api, Item, CUSTOMER};
     use crate::projection::{Grant, Matcher, PastDue};
+
+    const PRO: Item<'static> = ("price_1", "prod_pro", None);
 
     fn policy() -> EntitlementPolicy {
         EntitlementPolicy {
@@ -196,11 +199,8 @@ mod tests {
         created: i64,
         status: &str,
     ) -> ProjectedEvent {
-        let body = format!(
-            r#"{{"id":"{id}","type":"{event_type}","created":{created},"data":{{"object":{{"id":"sub_1","object":"subscription","customer":"cus_1","status":"{status}","cancel_at_period_end":false,"items":{{"data":[{{"id":"si_1","price":{{"id":"price_1","product":"prod_pro"}},"quantity":1,"current_period_end":{end}}}]}}}}}}}}"#,
-            end = created + 2_592_000
-        );
-        project(&EventEnvelope::parse(body.as_bytes()).unwrap()).unwrap()
+        let object = testing::subscription(Api::Basil, "sub_1", status, &[PRO]);
+        event(event_type, object).id(id).created(created).api(Api::Basil).project()
     }
 
     #[test]
@@ -226,7 +226,7 @@ mod tests {
             ),
         ];
 
-        let (timeline, view) = replay(&events, "", "cus_1", &policy(), None);
+        let (timeline, view) = replay(&events, "", CUSTOMER, &policy(), None);
 
         assert_eq!(timeline.len(), 3);
         assert_eq!(timeline[0].added, ["pro"]);
@@ -255,8 +255,8 @@ mod tests {
             ),
         ];
 
-        let (_, before) = replay(&events, "", "cus_1", &policy(), Some(1_767_484_799));
-        let (_, after) = replay(&events, "", "cus_1", &policy(), Some(1_767_484_800));
+        let (_, before) = replay(&events, "", CUSTOMER, &policy(), Some(1_767_484_799));
+        let (_, after) = replay(&events, "", CUSTOMER, &policy(), Some(1_767_484_800));
 
         assert_eq!(before.unwrap().features, ["pro"]);
         assert!(after.unwrap().features.is_empty());
@@ -270,7 +270,7 @@ mod tests {
             1_767_225_600,
             "active",
         )];
-        assert!(replay(&events, "acct_1", "cus_1", &policy(), None)
+        assert!(replay(&events, "acct_1", CUSTOMER, &policy(), None)
             .0
             .is_empty());
         assert!(replay(&events, "", "cus_2", &policy(), None).0.is_empty());
