@@ -200,7 +200,11 @@ mod tests {
         status: &str,
     ) -> ProjectedEvent {
         let object = testing::subscription(Api::Basil, "sub_1", status, &[PRO]);
-        event(event_type, object).id(id).created(created).api(Api::Basil).project()
+        event(event_type, object)
+            .id(id)
+            .created(created)
+            .api(Api::Basil)
+            .project()
     }
 
     #[test]

@@ -133,6 +133,16 @@ pub fn header_value(message: &OwnedMessage, name: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
+/// A header's value as text, borrowed from the message.
+pub fn header<'m>(message: &'m OwnedMessage, name: &str) -> Option<&'m str> {
+    message
+        .headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| std::str::from_utf8(v).expect("a UTF-8 header"))
+}
+
 pub fn payload_str(message: &OwnedMessage) -> String {
     String::from_utf8(message.payload().unwrap_or_default().to_vec()).expect("a UTF-8 payload")
 }

@@ -72,9 +72,7 @@ impl Service {
         let port = loop {
             let line = stderr_lines
                 .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| {
-                    panic!("{name} did not start (set TEST_LOG=1 to see its log)")
-                });
+                .unwrap_or_else(|_| panic!("{name} did not start (set TEST_LOG=1 to see its log)"));
             if !line.contains(ready_marker) {
                 continue;
             }

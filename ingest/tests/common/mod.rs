@@ -37,7 +37,11 @@ impl Ingest {
             ("DLQ_TOPIC".into(), dlq_topic.clone()),
             ("STRIPE_EVENTS_PARTITIONS".into(), "3".into()),
         ];
-        env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        env.extend(
+            extra_env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
         let service = Service::spawn(
             "ingest",
             Path::new(env!("CARGO_BIN_EXE_ingest")),

@@ -137,7 +137,14 @@ mod tests {
         ] {
             let created = type_rank(&format!("{family}.created"));
             let deleted = type_rank(&format!("{family}.deleted"));
-            for middle in ["updated", "paused", "resumed", "paid", "completed", "finalized"] {
+            for middle in [
+                "updated",
+                "paused",
+                "resumed",
+                "paid",
+                "completed",
+                "finalized",
+            ] {
                 let other = type_rank(&format!("{family}.{middle}"));
                 assert!(created < other, "{family}.created < {family}.{middle}");
                 assert!(other < deleted, "{family}.{middle} < {family}.deleted");
@@ -255,8 +262,7 @@ mod tests {
     }
 
     #[test]
-    fn kinds_without_a_lifecycle_and_snapshots_without_a_status_never_outrank_one_with_a_status(
-    ) {
+    fn kinds_without_a_lifecycle_and_snapshots_without_a_status_never_outrank_one_with_a_status() {
         for status in [None, Some("active"), Some("canceled"), Some("void")] {
             for kind in [ObjectKind::Customer, ObjectKind::EntitlementSummary] {
                 assert_eq!(
@@ -271,7 +277,10 @@ mod tests {
             (ObjectKind::Invoice, "draft"),
             (ObjectKind::CheckoutSession, "open"),
         ] {
-            assert!(status_rank(kind, None) <= status_rank(kind, Some(lowest)), "{kind:?}");
+            assert!(
+                status_rank(kind, None) <= status_rank(kind, Some(lowest)),
+                "{kind:?}"
+            );
         }
     }
 

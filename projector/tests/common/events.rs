@@ -3,6 +3,6 @@
 #![allow(unused_imports)]
 
 pub use testkit::stripe::{
-    checkout_session, customer, deleted_customer, entitlement_summary, invoice, subscription,
-    with, Api, Event, Item,
+    checkout_session, customer, deleted_customer, entitlement_summary, invoice, subscription, with,
+    Api, Event, Item,
 };

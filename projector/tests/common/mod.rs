@@ -5,6 +5,7 @@
 
 pub mod events;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -14,6 +15,7 @@ use rdkafka::message::Message;
 use serde_json::Value;
 use sqlx::{Connection, PgConnection};
 
+pub use testkit::kafka::header;
 pub use testkit::projections::{
     assert_same_projections, without_version, Snapshot, BOOKKEEPING, PROJECTIONS,
 };
@@ -187,9 +189,13 @@ impl Pipeline {
         let extra = extra_env
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()));
-        testkit::process::command(&binary("ingest"), args, self.ingest_env().into_iter().chain(extra))
-            .output()
-            .unwrap()
+        testkit::process::command(
+            &binary("ingest"),
+            args,
+            self.ingest_env().into_iter().chain(extra),
+        )
+        .output()
+        .unwrap()
     }
 
     pub fn projector_env(&self) -> Vec<(String, String)> {
@@ -243,7 +249,10 @@ impl Pipeline {
     }
 
     pub fn api_url(&self, path: &str) -> String {
-        self.projector.as_ref().expect("projector running").url(path)
+        self.projector
+            .as_ref()
+            .expect("projector running")
+            .url(path)
     }
 
     /// Signs and POSTs one event body; asserts 200.
@@ -309,6 +318,23 @@ impl Pipeline {
             .expect("GET");
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The projector's `/metrics` page.
+    pub async fn metrics(&self) -> String {
+        let response = self
+            .client
+            .get(self.api_url("/metrics"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("GET /metrics");
+        assert!(
+            response.status().is_success(),
+            "GET /metrics: {}",
+            response.status()
+        );
+        response.text().await.expect("the metrics page")
     }
 
     /// The customer's entitlement object (platform account unless `account`); panics unless 200.
@@ -383,6 +409,44 @@ impl Drop for Pipeline {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.entitlements_path);
     }
+}
+
+/// Checks a change topic as a consumer relies on it: per key, versions 1..=N all present, a
+/// (key, version) only ever with one payload, and the last message in log order the newest
+/// (what compaction keeps). Returns that last message per key.
+pub fn last_change_per_key(changes: &[(Option<String>, Value)]) -> BTreeMap<String, Value> {
+    let mut versions: BTreeMap<String, BTreeMap<i64, &Value>> = BTreeMap::new();
+    let mut last: BTreeMap<String, Value> = BTreeMap::new();
+    for (key, message) in changes {
+        let key = key.clone().expect("change messages are keyed");
+        assert_eq!(message["type"], "entitlements.changed", "{message}");
+        let version = message["version"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("a version in {message}"));
+        let seen = versions.entry(key.clone()).or_default();
+        if let Some(earlier) = seen.insert(version, message) {
+            assert_eq!(
+                earlier, message,
+                "{key} version {version} was published twice with different payloads"
+            );
+        }
+        last.insert(key, message.clone());
+    }
+    for (key, seen) in &versions {
+        let newest = *seen.keys().next_back().expect("a version per key");
+        let present: Vec<i64> = seen.keys().copied().collect();
+        assert_eq!(
+            present,
+            (1..=newest).collect::<Vec<_>>(),
+            "versions of {key} have gaps"
+        );
+        assert_eq!(
+            last[key]["version"], newest,
+            "the last message of {key} in the topic is not its newest version, so the \
+             compacted topic would keep a stale state"
+        );
+    }
+    last
 }
 
 /// Webhook requests in flight at once in the concurrent senders.

@@ -195,8 +195,6 @@ fn derived_id(event_type: &str, created: i64, object: &Value) -> String {
     format!("evt_{created}_{event_type}_{object_id}_{status}")
 }
 
-
-
 pub fn customer(id: &str, livemode: bool) -> Value {
     json!({
         "id": id, "object": "customer", "created": T0, "email": format!("{id}@example.com"),
