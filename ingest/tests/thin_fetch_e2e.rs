@@ -37,14 +37,7 @@ async fn wait_for_fetch_count(
     let line = format!("ingest_related_object_fetches_total{{outcome=\"{outcome}\"}} ");
     let deadline = Instant::now() + WAIT;
     loop {
-        let metrics = client
-            .get(ingest.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = ingest.metrics(client).await;
         let count = metrics
             .lines()
             .find_map(|l| l.strip_prefix(&line))

@@ -543,16 +543,7 @@ async fn an_outbox_row_too_large_for_the_topic_is_parked_and_the_rows_behind_it_
     );
     let changes = pipeline.changes();
     assert_eq!(changes.len(), 1, "{changes:?}");
-    let metrics = pipeline
-        .client
-        .get(pipeline.api_url("/metrics"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = pipeline.metrics().await;
     assert!(
         metrics.contains("projector_outbox_parked_total{reason=\"message_too_large\"} 1"),
         "{metrics}"

@@ -1,5 +1,7 @@
 //! A Postgres database per test, dropped when the test ends, passed or failed.
 
+use std::time::Duration;
+
 use sqlx::{Connection, PgConnection};
 
 use crate::names::unique;
@@ -61,6 +63,17 @@ impl TestDatabase {
     }
 }
 
+/// Tries to drop a test database this many times more after a failure.
+const DROP_ATTEMPTS: u64 = 5;
+
+async fn drop_database(admin_url: &str, name: &str) -> Result<(), sqlx::Error> {
+    let mut admin = PgConnection::connect(admin_url).await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await?;
+    Ok(())
+}
+
 impl Drop for TestDatabase {
     /// `Drop` cannot await, and may run inside the test's runtime, where blocking on another
     /// future panics: the drop runs on a thread of its own with a runtime of its own, and the
@@ -72,15 +85,18 @@ impl Drop for TestDatabase {
                 .enable_all()
                 .build()
                 .map_err(|e| e.to_string())?;
+            // The server is shared (connection slots run out under load), so a failed
+            // attempt is retried for a while before the database is reported as left behind.
             runtime.block_on(async {
-                let mut admin = PgConnection::connect(&admin_url)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                    .execute(&mut admin)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
+                let mut attempts = 0;
+                loop {
+                    match drop_database(&admin_url, &name).await {
+                        Ok(()) => return Ok(()),
+                        Err(e) if attempts >= DROP_ATTEMPTS => return Err(e.to_string()),
+                        Err(_) => attempts += 1,
+                    }
+                    tokio::time::sleep(Duration::from_millis(200 * attempts)).await;
+                }
             })
         })
         .join();

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod database;
+pub mod http;
 pub mod kafka;
 pub mod localstripe;
 pub mod names;

@@ -61,6 +61,11 @@ impl Ingest {
         self.service.url(path)
     }
 
+    /// The `/metrics` page.
+    pub async fn metrics(&self, client: &reqwest::Client) -> String {
+        testkit::http::page(client, &self.url("/metrics"), None).await
+    }
+
     pub fn pid(&self) -> u32 {
         self.service.child.id()
     }

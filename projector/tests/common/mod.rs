@@ -322,19 +322,7 @@ impl Pipeline {
 
     /// The projector's `/metrics` page.
     pub async fn metrics(&self) -> String {
-        let response = self
-            .client
-            .get(self.api_url("/metrics"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .expect("GET /metrics");
-        assert!(
-            response.status().is_success(),
-            "GET /metrics: {}",
-            response.status()
-        );
-        response.text().await.expect("the metrics page")
+        testkit::http::page(&self.client, &self.api_url("/metrics"), Some(TOKEN)).await
     }
 
     /// The customer's entitlement object (platform account unless `account`); panics unless 200.
