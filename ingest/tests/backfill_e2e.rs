@@ -3,9 +3,6 @@
 //! faults, a tiny HTTP stub that answers 429 then 500 then success.
 
 mod common;
-mod support {
-    pub mod localstripe;
-}
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -17,7 +14,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use rdkafka::message::OwnedMessage;
 use serde_json::{json, Value};
-use support::localstripe::{self, LocalStripe};
+use testkit::localstripe::{self, LocalStripe};
 
 const WAIT: Duration = Duration::from_secs(30);
 

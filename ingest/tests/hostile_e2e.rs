@@ -289,7 +289,7 @@ fn an_existing_topic_too_small_for_max_body_bytes_stops_start_up_naming_the_vari
 #[test]
 fn a_100_mb_streamed_body_is_refused_quickly_and_never_buffered() {
     let ingest = Ingest::start(&[]);
-    let pid = ingest.child.id();
+    let pid = ingest.pid();
     assert_good_request_is_stored(&ingest, "evt_warm_up");
     let rss_before = vm_rss_kib(pid);
     const TOTAL: usize = 100 * 1024 * 1024;

@@ -3,15 +3,12 @@
 //! related object is fetched and appended as a `backfill` snapshot.
 
 mod common;
-mod support {
-    pub mod localstripe;
-}
 
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
-use support::localstripe::{LocalStripe, API_KEY};
+use testkit::localstripe::{LocalStripe, API_KEY};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
@@ -40,14 +37,7 @@ async fn wait_for_fetch_count(
     let line = format!("ingest_related_object_fetches_total{{outcome=\"{outcome}\"}} ");
     let deadline = Instant::now() + WAIT;
     loop {
-        let metrics = client
-            .get(ingest.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = ingest.metrics(client).await;
         let count = metrics
             .lines()
             .find_map(|l| l.strip_prefix(&line))

@@ -351,14 +351,7 @@ async fn signed_thin_event_is_acknowledged_and_lands_with_its_type_and_never_in_
     let dead = read_records(&ingest.dlq_topic, 1, WAIT);
     assert_eq!(dead.len(), 1);
     assert_eq!(payload_str(&dead[0]), sentinel);
-    let metrics = client
-        .get(ingest.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = ingest.metrics(&client).await;
     assert!(
         metrics.contains("ingest_requests_total{outcome=\"ok\"} 1"),
         "{metrics}"
@@ -400,14 +393,7 @@ async fn health_readiness_and_metrics_are_served() {
             .status(),
         200
     );
-    let metrics = client
-        .get(ingest.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = ingest.metrics(&client).await;
 
     assert!(
         metrics.contains("ingest_requests_total{outcome=\"ok\"} 1"),
@@ -486,22 +472,7 @@ async fn sigterm_drains_and_exits_zero() {
     );
     assert_eq!(post_signed(&client, &ingest, &body).await.status(), 200);
 
-    let pid = ingest.child.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = ingest.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "ingest did not stop within 30 s of SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = ingest.service.terminate();
+
     assert_eq!(status.code(), Some(0));
 }

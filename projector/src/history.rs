@@ -191,8 +191,10 @@ pub fn parse_instant(text: &str) -> Result<i64, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::projection::testing::{self, Api, CUSTOMER};
+    use crate::projection::testing::{self, event, Api, Item, CUSTOMER};
     use crate::projection::{Grant, Matcher, PastDue};
+
+    const PRO: Item<'static> = ("price_1", "prod_pro", None);
 
     fn policy() -> EntitlementPolicy {
         EntitlementPolicy {
@@ -210,15 +212,11 @@ mod tests {
         created: i64,
         status: &str,
     ) -> ProjectedEvent {
-        let object = testing::subscription(
-            Api::Legacy,
-            "sub_1",
-            status,
-            &[("price_1", "prod_pro", None)],
-        );
-        testing::event(event_type, object)
+        let object = testing::subscription(Api::Basil, "sub_1", status, &[PRO]);
+        event(event_type, object)
             .id(id)
             .created(created)
+            .api(Api::Basil)
             .project()
     }
 

@@ -4,18 +4,16 @@
 //! scenario compares the read API with the server's own state for every customer it made.
 
 mod common;
-#[path = "../../ingest/tests/support/localstripe.rs"]
-mod localstripe;
 
 use std::collections::BTreeSet;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use localstripe::{LocalStripe, API_KEY, PRO_PLAN, TEAM_PLAN};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 use serde_json::Value;
+use testkit::localstripe::{LocalStripe, API_KEY, PRO_PLAN, TEAM_PLAN};
 
 /// The features SPEC §7 grants for a server-side subscription under the e2e mapping
 /// (`prod_pro` → api, pro; `price_team_month` → team), `past_due` granting.

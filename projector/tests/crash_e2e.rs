@@ -3,10 +3,10 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::json;
 
 use common::events::*;
 use common::*;
@@ -268,41 +268,6 @@ async fn kill_projector_midway(pipeline: &mut Pipeline, total: u64) -> u64 {
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-}
-
-/// Checks the change topic of one run: per key, versions 1..=N all present, a duplicate
-/// (key, version) only with an identical payload, and the last message in log order the
-/// newest. Returns that last message per key.
-fn last_change_per_key(changes: &[(Option<String>, Value)]) -> BTreeMap<String, Value> {
-    let mut versions: BTreeMap<String, BTreeMap<i64, &Value>> = BTreeMap::new();
-    let mut last: BTreeMap<String, Value> = BTreeMap::new();
-    for (key, message) in changes {
-        let key = key.clone().expect("change messages are keyed");
-        assert_eq!(message["type"], "entitlements.changed", "{message}");
-        let version = message["version"]
-            .as_i64()
-            .unwrap_or_else(|| panic!("a version in {message}"));
-        let seen = versions.entry(key.clone()).or_default();
-        if let Some(earlier) = seen.insert(version, message) {
-            assert_eq!(
-                earlier, message,
-                "{key} version {version} was published twice with different payloads"
-            );
-        }
-        last.insert(key, message.clone());
-    }
-    for (key, seen) in &versions {
-        let newest = *seen.keys().next_back().unwrap();
-        let expected: Vec<i64> = (1..=newest).collect();
-        let present: Vec<i64> = seen.keys().copied().collect();
-        assert_eq!(present, expected, "versions of {key} have gaps");
-        assert_eq!(
-            last[key]["version"], newest,
-            "the last message of {key} in the topic is not its newest version, so the \
-             compacted topic would keep a stale state"
-        );
-    }
-    last
 }
 
 async fn count(pipeline: &Pipeline, sql: &str) -> i64 {

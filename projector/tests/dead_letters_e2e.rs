@@ -5,7 +5,7 @@
 
 mod common;
 
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::Message;
 use serde_json::json;
 use sqlx::Row;
 
@@ -104,27 +104,9 @@ async fn stored_offsets(pipeline: &Pipeline) -> Vec<(i32, i64)> {
     .unwrap()
 }
 
-fn header<'m>(message: &'m OwnedMessage, name: &str) -> Option<&'m str> {
-    message
-        .headers()?
-        .iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .map(|v| std::str::from_utf8(v).unwrap())
-}
-
 /// The sum of every sample of a counter family in the projector's `/metrics`.
 async fn metric_total(pipeline: &Pipeline, family: &str) -> f64 {
-    let text = pipeline
-        .client
-        .get(pipeline.api_url("/metrics"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .unwrap();
+    let text = pipeline.metrics().await;
     text.lines()
         .filter(|line| {
             line.strip_prefix(family)

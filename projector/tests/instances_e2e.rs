@@ -113,43 +113,6 @@ async fn first_publish_after(db: &mut PgConnection, since: &str, within: Duratio
     }
 }
 
-/// Checks the change topic: per key, versions 1..=N all present, a (customer, version) pair only
-/// ever with one object, and the last message in partition order the newest version. Returns
-/// that last message per key.
-fn last_change_per_key(changes: &[(Option<String>, Value)]) -> BTreeMap<String, Value> {
-    let mut versions: BTreeMap<String, BTreeMap<i64, &Value>> = BTreeMap::new();
-    let mut last: BTreeMap<String, Value> = BTreeMap::new();
-    for (key, message) in changes {
-        let key = key.clone().expect("change messages are keyed");
-        let version = message["version"]
-            .as_i64()
-            .unwrap_or_else(|| panic!("a version in {message}"));
-        let seen = versions.entry(key.clone()).or_default();
-        if let Some(earlier) = seen.insert(version, message) {
-            assert_eq!(
-                earlier, message,
-                "{key} version {version} was published with two different objects"
-            );
-        }
-        last.insert(key, message.clone());
-    }
-    for (key, seen) in &versions {
-        let newest = *seen.keys().next_back().unwrap();
-        let present: Vec<i64> = seen.keys().copied().collect();
-        assert_eq!(
-            present,
-            (1..=newest).collect::<Vec<_>>(),
-            "versions of {key} have gaps"
-        );
-        assert_eq!(
-            last[key]["version"], newest,
-            "the last message of {key} is not its newest version: the compacted topic would \
-             keep a stale state"
-        );
-    }
-    last
-}
-
 /// Asserts that the last change message of each customer is the API's object.
 async fn last_messages_equal_the_api(
     pipeline: &Pipeline,
@@ -580,16 +543,7 @@ async fn an_outbox_row_too_large_for_the_topic_is_parked_and_the_rows_behind_it_
     );
     let changes = pipeline.changes();
     assert_eq!(changes.len(), 1, "{changes:?}");
-    let metrics = pipeline
-        .client
-        .get(pipeline.api_url("/metrics"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = pipeline.metrics().await;
     assert!(
         metrics.contains("projector_outbox_parked_total{reason=\"message_too_large\"} 1"),
         "{metrics}"

@@ -351,61 +351,13 @@ async fn run_scenario(pipeline: &mut Pipeline) -> Vec<Expected> {
 /// A subcommand run longer than this is taken to hang (a rebuild waiting forever on the lock).
 const COMMAND_DEADLINE: Duration = Duration::from_secs(60);
 
-/// `projector <args>` with the pipeline's environment.
-fn projector(pipeline: &Pipeline, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_projector"));
-    command
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(pipeline.projector_env());
-    command
-}
-
 /// Runs `command` to completion; SIGKILLs it and fails the test after `COMMAND_DEADLINE`.
 fn output_within_deadline(command: Command) -> Output {
-    output_within_deadline_of(command, COMMAND_DEADLINE)
+    testkit::output_within_deadline(command, COMMAND_DEADLINE)
 }
 
-/// Runs `command` to completion; SIGKILLs it and fails the test after `deadline`.
-fn output_within_deadline_of(mut command: Command, deadline: Duration) -> Output {
-    let child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start projector");
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(deadline) {
-        Ok(output) => output.expect("wait for projector"),
-        Err(_) => {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            let stderr = rx
-                .recv_timeout(Duration::from_secs(5))
-                .ok()
-                .and_then(Result::ok)
-                .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
-                .unwrap_or_default();
-            panic!("{command:?} did not finish within {deadline:?}; stderr:\n{stderr}");
-        }
-    }
-}
-
-/// Checks that a `projector` subcommand succeeded and returns its stdout.
 fn succeeded(what: &str, output: &Output) -> String {
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "projector {what} failed ({}):\nstdout:\n{stdout}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
+    testkit::process::succeeded(&format!("projector {what}"), output)
 }
 
 /// Runs `projector rebuild --json [args]` to completion; prints its summary (the rebuild rate,
@@ -414,7 +366,7 @@ fn rebuild(pipeline: &Pipeline, args: &[&str]) -> Value {
     let mut command = vec!["rebuild", "--json"];
     command.extend(args);
     let started = Instant::now();
-    let output = output_within_deadline(projector(pipeline, &command));
+    let output = output_within_deadline(pipeline.projector_cli(&command));
     let stdout = succeeded(&command.join(" "), &output);
     rebuild_report(&command.join(" "), &stdout, started.elapsed())
 }
@@ -423,6 +375,24 @@ fn rebuild(pipeline: &Pipeline, args: &[&str]) -> Value {
 fn rebuild_report(what: &str, stdout: &str, took: Duration) -> Value {
     let report: Value = serde_json::from_str(stdout.trim())
         .unwrap_or_else(|e| panic!("projector {what} printed no JSON report ({e}): {stdout}"));
+    // The summary's figures, as `--json` states them: whole numbers where they count, and
+    // `changed` the number of differences listed (all of them, unless truncated).
+    for count in ["events", "changed", "dead_letters", "locked_events"] {
+        assert!(report[count].is_u64(), "{what}: {count} in {report}");
+    }
+    for figure in ["events_per_sec", "lock_held_ms", "seconds"] {
+        assert!(
+            report[figure].as_f64().is_some_and(|f| f >= 0.0),
+            "{what}: {figure} in {report}"
+        );
+    }
+    if report["differences_truncated"] == false {
+        assert_eq!(
+            report["changed"].as_u64(),
+            report["differences"].as_array().map(|d| d.len() as u64),
+            "{what}: changed vs differences in {report}"
+        );
+    }
     println!(
         "projector {what}: {} events, {:.0} events/s, live paused {:.1} ms, {} customers changed \
          [process wall time {:.2}s]",
@@ -488,37 +458,6 @@ async fn count(pipeline: &Pipeline, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(&mut db).await.unwrap()
 }
 
-async fn post_signed(client: &reqwest::Client, url: &str, body: &str) {
-    let header = signature_header(SECRET, now(), body.as_bytes());
-    let response = client
-        .post(url)
-        .header("Stripe-Signature", header)
-        .body(body.to_owned())
-        .send()
-        .await
-        .expect("POST to ingest");
-    let status = response.status();
-    assert_eq!(
-        status,
-        200,
-        "ingest answered {status}: {}",
-        response.text().await.unwrap_or_default()
-    );
-}
-
-/// Signs and POSTs every body, `IN_FLIGHT` at a time, without counting them in `appended`.
-async fn post_concurrently(client: &reqwest::Client, url: &str, bodies: &[String]) {
-    stream::iter(bodies)
-        .for_each_concurrent(IN_FLIGHT, |body| post_signed(client, url, body))
-        .await;
-}
-
-/// Sends every body concurrently and counts it as appended.
-async fn send_concurrently(pipeline: &mut Pipeline, bodies: &[String]) {
-    post_concurrently(&pipeline.client, &pipeline.ingest_url(), bodies).await;
-    pipeline.appended += bodies.len() as u64;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Rebuild equals live
 // ---------------------------------------------------------------------------------------------
@@ -543,6 +482,10 @@ async fn rebuild_while_live_reproduces_every_projection_and_publishes_nothing() 
     // Assert: identical tables (entitlements to the last column: version and updated_at
     // included), the same API answers, and nothing published.
     assert_eq!(report["swapped"], true, "{report}");
+    assert_eq!(
+        report["events"], pipeline.appended,
+        "the rebuild replays every record live applied: {report}"
+    );
     assert_eq!(
         report["changed"], 0,
         "rebuild reported differences: {report}"
@@ -707,7 +650,7 @@ async fn rebuild_under_load_reflects_every_event_exactly_once() {
         )
         .body()
     }));
-    send_concurrently(&mut pipeline, &log).await;
+    pipeline.send_concurrently(&log).await;
     pipeline.settle().await;
     let messages_before = pipeline.changes();
 
@@ -725,7 +668,7 @@ async fn rebuild_under_load_reflects_every_event_exactly_once() {
         assert!(Instant::now() < deadline, "the load did not start");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let command = projector(&pipeline, &["rebuild", "--json"]);
+    let command = pipeline.projector_cli(&["rebuild", "--json"]);
     let rebuild_run = tokio::task::spawn_blocking({
         let (sent, rebuild_done) = (sent.clone(), rebuild_done.clone());
         move || {
@@ -822,7 +765,7 @@ async fn rebuild_under_load_reflects_every_event_exactly_once() {
 
     // The same log, applied by a fresh pipeline without a rebuild, gives the same projections.
     let mut fresh = Pipeline::start(Options::default()).await;
-    send_concurrently(&mut fresh, &all_bodies).await;
+    fresh.send_concurrently(&all_bodies).await;
     fresh.settle().await;
     assert_same_projections(
         "rebuilt under load (left) vs never rebuilt (right)",
@@ -1118,7 +1061,7 @@ fn history_log() -> Vec<Event> {
 fn history(pipeline: &Pipeline, args: &[&str]) -> Value {
     let mut command = vec!["history"];
     command.extend(args);
-    let output = output_within_deadline(projector(pipeline, &command));
+    let output = output_within_deadline(pipeline.projector_cli(&command));
     let stdout = succeeded(&command.join(" "), &output);
     serde_json::from_str(&stdout)
         .unwrap_or_else(|e| panic!("projector {}: not JSON ({e}):\n{stdout}", command.join(" ")))
@@ -1215,7 +1158,7 @@ async fn history_and_at_replay_a_scripted_lifecycle_from_the_log() {
     );
     let text = succeeded(
         "history cus_hist",
-        &output_within_deadline(projector(&pipeline, &["history", "cus_hist"])),
+        &output_within_deadline(pipeline.projector_cli(&["history", "cus_hist"])),
     );
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 5, "{text}");
@@ -1249,16 +1192,20 @@ async fn history_and_at_replay_a_scripted_lifecycle_from_the_log() {
         now, live,
         "history's object as of now vs the live projection"
     );
-    let before_anything = output_within_deadline(projector(
-        &pipeline,
-        &["history", "cus_hist", "--at", "2025-12-01T00:00:00Z"],
-    ));
+    let before_anything = output_within_deadline(pipeline.projector_cli(&[
+        "history",
+        "cus_hist",
+        "--at",
+        "2025-12-01T00:00:00Z",
+    ]));
     assert!(!before_anything.status.success());
     assert!(String::from_utf8_lossy(&before_anything.stderr).contains("no events of cus_hist"));
-    let not_an_instant = output_within_deadline(projector(
-        &pipeline,
-        &["history", "cus_hist", "--at", "yesterday"],
-    ));
+    let not_an_instant = output_within_deadline(pipeline.projector_cli(&[
+        "history",
+        "cus_hist",
+        "--at",
+        "yesterday",
+    ]));
     assert!(!not_an_instant.status.success());
 }
 
@@ -1511,10 +1458,10 @@ async fn produce_all(
 
 /// `projector rebuild --json` on a blocking thread, so the test's monitors keep running.
 async fn rebuild_within(pipeline: &Pipeline, deadline: Duration, what: &'static str) -> Value {
-    let command = projector(pipeline, &["rebuild", "--json"]);
+    let command = pipeline.projector_cli(&["rebuild", "--json"]);
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
-        let output = output_within_deadline_of(command, deadline);
+        let output = testkit::output_within_deadline(command, deadline);
         let stdout = succeeded("rebuild", &output);
         rebuild_report(what, &stdout, started.elapsed())
     })
@@ -1686,7 +1633,8 @@ async fn large_rebuild_after_a_crashed_one_pauses_live_under_2_s_and_the_api_und
     });
 
     // Act 1: a rebuild SIGKILLed while it replays.
-    let mut crashed = projector(&pipeline, &["rebuild", "--json"])
+    let mut crashed = pipeline
+        .projector_cli(&["rebuild", "--json"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

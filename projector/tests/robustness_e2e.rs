@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::message::Message;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use sqlx::Row;
@@ -38,27 +38,9 @@ fn subscription_created(n: usize, customer: &str) -> String {
     .body()
 }
 
-fn header<'m>(message: &'m OwnedMessage, name: &str) -> Option<&'m str> {
-    message
-        .headers()?
-        .iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .map(|v| std::str::from_utf8(v).unwrap())
-}
-
 /// One sample of the projector's `/metrics` (0 when absent).
 async fn metric(pipeline: &Pipeline, sample: &str) -> f64 {
-    let text = pipeline
-        .client
-        .get(pipeline.api_url("/metrics"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .unwrap();
+    let text = pipeline.metrics().await;
     text.lines()
         .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)

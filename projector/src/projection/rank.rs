@@ -127,18 +127,43 @@ mod tests {
     }
 
     #[test]
-    fn type_rank_classifies_by_suffix() {
-        assert_eq!(type_rank("customer.created"), 0);
-        assert_eq!(type_rank("invoice.created"), 0);
-        assert_eq!(type_rank("customer.deleted"), 2);
-        assert_eq!(type_rank("invoice.deleted"), 2);
-        assert_eq!(type_rank("customer.subscription.paused"), 1);
-        assert_eq!(type_rank("invoice.paid"), 1);
-        assert_eq!(type_rank("checkout.session.completed"), 1);
-        assert_eq!(
-            type_rank("entitlements.active_entitlement_summary.updated"),
-            1
-        );
+    fn within_each_object_family_creation_ranks_first_and_deletion_last() {
+        for family in [
+            "customer",
+            "customer.subscription",
+            "invoice",
+            "checkout.session",
+            "entitlements.active_entitlement_summary",
+        ] {
+            let created = type_rank(&format!("{family}.created"));
+            let deleted = type_rank(&format!("{family}.deleted"));
+            for middle in [
+                "updated",
+                "paused",
+                "resumed",
+                "paid",
+                "completed",
+                "finalized",
+            ] {
+                let other = type_rank(&format!("{family}.{middle}"));
+                assert!(created < other, "{family}.created < {family}.{middle}");
+                assert!(other < deleted, "{family}.{middle} < {family}.deleted");
+            }
+        }
+    }
+
+    #[test]
+    fn every_type_that_is_neither_creation_nor_deletion_ranks_alike() {
+        let updated = type_rank("customer.subscription.updated");
+
+        for other in [
+            "customer.subscription.paused",
+            "invoice.paid",
+            "checkout.session.completed",
+            "entitlements.active_entitlement_summary.updated",
+        ] {
+            assert_eq!(type_rank(other), updated, "{other} vs an update");
+        }
     }
 
     #[test]
@@ -191,7 +216,12 @@ mod tests {
             subscription_status_rank("incomplete_expired"),
             subscription_status_rank("canceled")
         );
-        assert_eq!(subscription_status_rank("something_new"), 0);
+        for known in order {
+            assert!(
+                subscription_status_rank("something_new") <= subscription_status_rank(known),
+                "an unknown status must not hide {known}"
+            );
+        }
     }
 
     #[test]
@@ -203,7 +233,12 @@ mod tests {
             invoice_status_rank("uncollectible")
         );
         assert!(invoice_status_rank("paid") < invoice_status_rank("void"));
-        assert_eq!(invoice_status_rank("something_new"), 0);
+        for known in ["draft", "open", "paid", "uncollectible", "void"] {
+            assert!(
+                invoice_status_rank("something_new") <= invoice_status_rank(known),
+                "an unknown status must not hide {known}"
+            );
+        }
     }
 
     #[test]
@@ -213,13 +248,40 @@ mod tests {
     }
 
     #[test]
-    fn status_rank_dispatches_on_the_object_kind() {
-        assert_eq!(status_rank(ObjectKind::Subscription, Some("paused")), 5);
-        assert_eq!(status_rank(ObjectKind::Invoice, Some("void")), 3);
-        assert_eq!(status_rank(ObjectKind::CheckoutSession, Some("expired")), 2);
-        assert_eq!(status_rank(ObjectKind::Customer, Some("active")), 0);
-        assert_eq!(status_rank(ObjectKind::EntitlementSummary, None), 0);
-        assert_eq!(status_rank(ObjectKind::Invoice, None), 0);
+    fn status_rank_orders_each_kind_by_its_own_lifecycle() {
+        let subscription = |s| status_rank(ObjectKind::Subscription, Some(s));
+        let invoice = |s| status_rank(ObjectKind::Invoice, Some(s));
+        let session = |s| status_rank(ObjectKind::CheckoutSession, Some(s));
+
+        assert!(subscription("active") < subscription("paused"));
+        assert!(subscription("paused") < subscription("canceled"));
+        assert!(invoice("open") < invoice("void"));
+        assert!(session("complete") < session("expired"));
+        // "paid" is not a subscription status: it must not take an invoice's place.
+        assert!(subscription("paid") < subscription("active"));
+    }
+
+    #[test]
+    fn kinds_without_a_lifecycle_and_snapshots_without_a_status_never_outrank_one_with_a_status() {
+        for status in [None, Some("active"), Some("canceled"), Some("void")] {
+            for kind in [ObjectKind::Customer, ObjectKind::EntitlementSummary] {
+                assert_eq!(
+                    status_rank(kind, status),
+                    status_rank(ObjectKind::Customer, None),
+                    "{kind:?} {status:?}"
+                );
+            }
+        }
+        for (kind, lowest) in [
+            (ObjectKind::Subscription, "incomplete"),
+            (ObjectKind::Invoice, "draft"),
+            (ObjectKind::CheckoutSession, "open"),
+        ] {
+            assert!(
+                status_rank(kind, None) <= status_rank(kind, Some(lowest)),
+                "{kind:?}"
+            );
+        }
     }
 
     #[test]

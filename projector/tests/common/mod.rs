@@ -1,188 +1,38 @@
 //! End-to-end support: the real `ingest` and `projector` binaries against the local Kafka and
 //! Postgres (`scripts/stack up`), each test with its own topics, consumer group and database.
-#![allow(dead_code)]
+// Each test binary uses a part of it.
+#![allow(dead_code, unused_imports)]
 
 pub mod events;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::message::Message;
 use serde_json::Value;
 use sqlx::{Connection, PgConnection};
+
+pub use testkit::kafka::header;
+pub use testkit::projections::{
+    assert_same_projections, without_version, Snapshot, BOOKKEEPING, PROJECTIONS,
+};
+pub use testkit::{
+    admin_database_url, brokers, database_url_for, kafka_settings, now, read_topic,
+    read_topic_to_end, signature_header, unique, Service, TestDatabase,
+};
 
 pub const SECRET: &str = "whsec_projector_e2e";
 pub const TOKEN: &str = "e2e-token-0123456789abcdef";
 
 /// The mapping the scenarios use (SPEC §7's example).
-pub const ENTITLEMENTS: &str = r#"
-[policy]
-past_due = "grant"
+pub const ENTITLEMENTS: &str = testkit::spec_entitlements!();
 
-[[grant]]
-product = "prod_pro"
-features = ["pro", "api"]
-
-[[grant]]
-price = "price_team_month"
-features = ["team"]
-
-[[grant]]
-lookup_key = "enterprise"
-features = ["sso", "audit"]
-"#;
-
-pub fn brokers() -> String {
-    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
-}
-
-/// The settings the test's own Kafka clients use: the same variables as the services.
-pub fn kafka_settings() -> shared::kafka::KafkaSettings {
-    shared::kafka::KafkaSettings::from_env().expect("KAFKA_* settings")
-}
-
-pub fn admin_database_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://stripe:stripe@127.0.0.1:5432/stripe_pipeline".into())
-}
-
-pub fn unique(prefix: &str) -> String {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!(
-        "{prefix}_{}_{}_{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed),
-        nanos % 1_000_000_000
-    )
-}
-
-/// `t=<t>,v1=hex(HMAC-SHA256(secret, "<t>.<body>"))`, as Stripe signs.
-pub fn signature_header(secret: &str, t: i64, body: &[u8]) -> String {
-    use hmac::{Hmac, Mac};
-    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(format!("{t}.").as_bytes());
-    mac.update(body);
-    let hex: String = mac
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("t={t},v1={hex}")
-}
-
-pub fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
-/// A running service binary; killed on drop.
-pub struct Service {
-    pub child: Child,
-    pub port: u16,
-    pub name: &'static str,
-}
-
-impl Service {
-    pub fn spawn(
-        name: &'static str,
-        binary: PathBuf,
-        args: &[&str],
-        env: &[(String, String)],
-        ready_marker: &str,
-    ) -> Service {
-        let mut command = Command::new(&binary);
-        command
-            .args(args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env(
-                "RUST_LOG",
-                std::env::var("TEST_RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            command.env(k, v);
-        }
-        let mut child = command
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", binary.display()));
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let marker = ready_marker.to_owned();
-        std::thread::spawn(move || {
-            let mut sent = false;
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if std::env::var_os("TEST_LOG").is_some() {
-                    eprintln!("[{name}] {line}");
-                }
-                if !sent && line.contains(&marker) {
-                    if let Some(port) = line
-                        .split("port=")
-                        .nth(1)
-                        .and_then(|p| p.split_whitespace().next())
-                    {
-                        let _ = tx.send(port.parse::<u16>().ok());
-                        sent = true;
-                    }
-                }
-            }
-            if !sent {
-                let _ = tx.send(None);
-            }
-        });
-        let port = rx
-            .recv_timeout(Duration::from_secs(90))
-            .ok()
-            .flatten()
-            .unwrap_or_else(|| panic!("{name} did not start (set TEST_LOG=1 to see its log)"));
-        Service { child, port, name }
-    }
-
-    /// SIGKILL: no shutdown path runs.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM and wait for the exit status.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not stop within 30 s of SIGTERM",
-                self.name
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// POSTs to ingest with the pipeline's secret, asserting 200 (the event is durable).
+pub async fn post_signed(client: &reqwest::Client, url: &str, body: &str) {
+    testkit::signing::post_signed_ok(client, url, SECRET, body).await;
 }
 
 pub fn binary(name: &str) -> PathBuf {
@@ -245,18 +95,6 @@ impl Endpoints {
     }
 }
 
-/// `url` with its database replaced, keeping the options (`?sslmode=…&sslrootcert=…`).
-pub fn database_url_for(url: &str, database: &str) -> String {
-    let (base, query) = url
-        .split_once('?')
-        .map_or((url, None), |(b, q)| (b, Some(q)));
-    let server = &base[..base.rfind('/').expect("a database URL with a path")];
-    match query {
-        Some(query) => format!("{server}/{database}?{query}"),
-        None => format!("{server}/{database}"),
-    }
-}
-
 impl Default for Options {
     fn default() -> Self {
         Options {
@@ -276,7 +114,7 @@ impl Options {
     }
 }
 
-/// Ingest + projector with their own topics, group and database.
+/// Ingest + projector with their own topics, group and database (dropped with the pipeline).
 pub struct Pipeline {
     pub ingest: Service,
     pub projector: Option<Service>,
@@ -290,32 +128,20 @@ pub struct Pipeline {
     pub client: reqwest::Client,
     /// Records the log holds (every 200 from ingest).
     pub appended: u64,
+    /// Declared after the services: they are killed before their database is dropped.
+    pub database: TestDatabase,
 }
 
 impl Pipeline {
     pub async fn start(options: Options) -> Pipeline {
         let name = unique("e2e");
-        let database = name.to_lowercase();
-        let mut admin = PgConnection::connect(&options.endpoints.admin_database_url)
-            .await
-            .expect("connect to Postgres (scripts/stack up)");
-        sqlx::query(&format!("CREATE DATABASE {database}"))
-            .execute(&mut admin)
-            .await
-            .unwrap();
-        let database_url = database_url_for(&options.endpoints.admin_database_url, &database);
+        let database = TestDatabase::create(&options.endpoints.admin_database_url).await;
         let entitlements_path = std::env::temp_dir().join(format!("{name}.toml"));
         std::fs::write(&entitlements_path, &options.entitlements).unwrap();
         let events_topic = format!("{name}.events");
         let changes_topic = format!("{name}.changes");
         let dlq_topic = format!("{name}.dlq");
-        let ingest = Service::spawn(
-            "ingest",
-            binary("ingest"),
-            &[],
-            &ingest_env(&options.endpoints.kafka_env, &events_topic, &dlq_topic),
-            "ingest listening",
-        );
+        let ingest = spawn_ingest(&options.endpoints.kafka_env, &events_topic, &dlq_topic);
         let mut pipeline = Pipeline {
             ingest,
             projector: None,
@@ -323,11 +149,12 @@ impl Pipeline {
             changes_topic,
             dlq_topic,
             group: format!("{name}-projector"),
-            database_url,
+            database_url: database.url.clone(),
             entitlements_path,
             options,
             client: reqwest::Client::new(),
             appended: 0,
+            database,
         };
         pipeline.start_projector();
         pipeline
@@ -337,17 +164,19 @@ impl Pipeline {
     /// new process listens on a new port.
     pub fn restart_ingest(&mut self) {
         self.ingest.kill();
-        self.ingest = Service::spawn(
-            "ingest",
-            binary("ingest"),
-            &[],
-            &ingest_env(
-                &self.options.endpoints.kafka_env,
-                &self.events_topic,
-                &self.dlq_topic,
-            ),
-            "ingest listening",
+        self.ingest = spawn_ingest(
+            &self.options.endpoints.kafka_env,
+            &self.events_topic,
+            &self.dlq_topic,
         );
+    }
+
+    fn ingest_env(&self) -> Vec<(String, String)> {
+        ingest_env(
+            &self.options.endpoints.kafka_env,
+            &self.events_topic,
+            &self.dlq_topic,
+        )
     }
 
     /// Runs an `ingest` subcommand (`backfill`, `reconcile`) to completion against this
@@ -357,22 +186,16 @@ impl Pipeline {
         args: &[&str],
         extra_env: &[(&str, &str)],
     ) -> std::process::Output {
-        let mut command = Command::new(binary("ingest"));
-        command
-            .args(args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default());
-        for (k, v) in ingest_env(
-            &self.options.endpoints.kafka_env,
-            &self.events_topic,
-            &self.dlq_topic,
-        ) {
-            command.env(k, v);
-        }
-        for (k, v) in extra_env {
-            command.env(k, v);
-        }
-        command.output().unwrap()
+        let extra = extra_env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()));
+        testkit::process::command(
+            &binary("ingest"),
+            args,
+            self.ingest_env().into_iter().chain(extra),
+        )
+        .output()
+        .unwrap()
     }
 
     pub fn projector_env(&self) -> Vec<(String, String)> {
@@ -411,46 +234,30 @@ impl Pipeline {
         )
     }
 
+    /// `projector <args>` with the pipeline's environment, to run or spawn.
+    pub fn projector_cli(&self, args: &[&str]) -> Command {
+        testkit::process::command(&binary("projector"), args, self.projector_env())
+    }
+
     /// Runs a projector subcommand to completion (e.g. `redrive`).
     pub fn projector_command(&self, args: &[&str]) -> std::process::Output {
-        let mut command = Command::new(binary("projector"));
-        command
-            .args(args)
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default());
-        for (k, v) in self.projector_env() {
-            command.env(k, v);
-        }
-        command.output().unwrap()
+        self.projector_cli(args).output().unwrap()
     }
 
     pub fn ingest_url(&self) -> String {
-        format!("http://127.0.0.1:{}/webhooks/stripe", self.ingest.port)
+        self.ingest.url("/webhooks/stripe")
     }
 
     pub fn api_url(&self, path: &str) -> String {
-        let port = self.projector.as_ref().expect("projector running").port;
-        format!("http://127.0.0.1:{port}{path}")
+        self.projector
+            .as_ref()
+            .expect("projector running")
+            .url(path)
     }
 
     /// Signs and POSTs one event body; asserts 200.
     pub async fn send(&mut self, body: &str) {
-        let header = signature_header(SECRET, now(), body.as_bytes());
-        let response = self
-            .client
-            .post(self.ingest_url())
-            .header("Stripe-Signature", header)
-            .body(body.to_owned())
-            .send()
-            .await
-            .expect("POST to ingest");
-        let status = response.status();
-        assert_eq!(
-            status,
-            200,
-            "ingest answered {status}: {}",
-            response.text().await.unwrap_or_default()
-        );
+        post_signed(&self.client, &self.ingest_url(), body).await;
         self.appended += 1;
     }
 
@@ -458,6 +265,11 @@ impl Pipeline {
         for body in bodies {
             self.send(body.as_ref()).await;
         }
+    }
+
+    /// Signs and POSTs every body, `IN_FLIGHT` at a time, and counts them as appended.
+    pub async fn send_concurrently(&mut self, bodies: &[String]) {
+        self.appended += send_concurrently(&self.client, &self.ingest_url(), bodies).await;
     }
 
     pub async fn db(&self) -> PgConnection {
@@ -508,6 +320,11 @@ impl Pipeline {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 
+    /// The projector's `/metrics` page.
+    pub async fn metrics(&self) -> String {
+        testkit::http::page(&self.client, &self.api_url("/metrics"), Some(TOKEN)).await
+    }
+
     /// The customer's entitlement object (platform account unless `account`); panics unless 200.
     pub async fn entitlements(&self, customer: &str, account: Option<&str>) -> Value {
         let path = match account {
@@ -531,18 +348,32 @@ impl Pipeline {
             .collect()
     }
 
-    /// Every row of a projection table as JSON, ordered, for whole-state comparisons.
+    /// Every row of a query as JSON, for whole-state comparisons.
     pub async fn table(&self, sql: &str) -> Vec<Value> {
-        let mut db = self.db().await;
-        let wrapped = format!("SELECT to_jsonb(t)::text FROM ({sql}) t");
-        let rows: Vec<String> = sqlx::query_scalar(&wrapped)
-            .fetch_all(&mut db)
-            .await
-            .unwrap();
-        rows.into_iter()
-            .map(|r| serde_json::from_str(&r).unwrap())
-            .collect()
+        testkit::projections::rows(&mut self.db().await, sql).await
     }
+
+    /// Every projection table's rows as JSON.
+    pub async fn projections(&self) -> Snapshot {
+        testkit::projections::snapshot(&mut self.db().await, PROJECTIONS).await
+    }
+
+    /// The projections and the consumer's bookkeeping (links, applied ids, dead letters).
+    pub async fn snapshot_with_bookkeeping(&self) -> Snapshot {
+        let tables: Vec<(&'static str, &'static str)> =
+            PROJECTIONS.iter().chain(BOOKKEEPING).copied().collect();
+        testkit::projections::snapshot(&mut self.db().await, &tables).await
+    }
+}
+
+fn spawn_ingest(kafka_env: &[(String, String)], events_topic: &str, dlq_topic: &str) -> Service {
+    Service::spawn(
+        "ingest",
+        binary("ingest"),
+        &[],
+        &ingest_env(kafka_env, events_topic, dlq_topic),
+        "ingest listening",
+    )
 }
 
 /// The ingest environment of a pipeline: its Kafka endpoint (plain or secured) and topics.
@@ -562,164 +393,48 @@ fn ingest_env(
     env
 }
 
-/// Every projection table, each ordered by its key, so two snapshots compare row by row.
-pub const PROJECTIONS: &[(&str, &str)] = &[
-    ("customers", "SELECT * FROM customers ORDER BY account, id"),
-    (
-        "subscriptions",
-        "SELECT * FROM subscriptions ORDER BY account, id",
-    ),
-    ("invoices", "SELECT * FROM invoices ORDER BY account, id"),
-    (
-        "checkout_sessions",
-        "SELECT * FROM checkout_sessions ORDER BY account, id",
-    ),
-    (
-        "entitlement_summaries",
-        "SELECT * FROM entitlement_summaries ORDER BY account, customer",
-    ),
-    (
-        "entitlements",
-        "SELECT * FROM entitlements ORDER BY account, customer",
-    ),
-];
-
-impl Pipeline {
-    /// Every projection table's rows as JSON.
-    pub async fn projections(&self) -> BTreeMap<&'static str, Vec<Value>> {
-        let mut tables = BTreeMap::new();
-        for (table, sql) in PROJECTIONS {
-            tables.insert(*table, self.table(sql).await);
-        }
-        tables
-    }
-}
-
-/// The projections without `entitlements.version`: it counts changes, and how many changes a
-/// log makes depends on how its events were batched. Everything else depends on the events
-/// alone.
-pub fn without_version(
-    mut tables: BTreeMap<&'static str, Vec<Value>>,
-) -> BTreeMap<&'static str, Vec<Value>> {
-    for row in tables.get_mut("entitlements").into_iter().flatten() {
-        row.as_object_mut().unwrap().remove("version");
-    }
-    tables
-}
-
-/// Asserts two projection snapshots are identical, table by table, row by row.
-pub fn assert_same_projections(
-    context: &str,
-    left: &BTreeMap<&'static str, Vec<Value>>,
-    right: &BTreeMap<&'static str, Vec<Value>>,
-) {
-    for (table, _) in PROJECTIONS {
-        let (a, b) = (&left[table], &right[table]);
-        for (row, (a, b)) in a.iter().zip(b).enumerate() {
-            assert_eq!(a, b, "{context}: {table} row {row} differs");
-        }
-        assert_eq!(
-            a.len(),
-            b.len(),
-            "{context}: {table} has {} rows on the left, {} on the right",
-            a.len(),
-            b.len()
-        );
-    }
-}
-
 impl Drop for Pipeline {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.entitlements_path);
     }
 }
 
-/// Reads every record a topic holds now: from the beginning to each partition's high watermark.
-pub fn read_topic_to_end(topic: &str) -> Vec<OwnedMessage> {
-    let consumer: BaseConsumer = kafka_settings()
-        .client_config()
-        .set("group.id", unique("e2e-reader"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .expect("metadata");
-    let partitions = metadata
-        .topics()
-        .first()
-        .map(|t| t.partitions().len())
-        .unwrap_or(0) as i32;
-    let mut assignment = TopicPartitionList::new();
-    let mut remaining = 0;
-    for p in 0..partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, Duration::from_secs(10))
-            .expect("watermarks");
-        if high > low {
-            remaining += (high - low) as usize;
-            assignment
-                .add_partition_offset(topic, p, Offset::Beginning)
-                .unwrap();
+/// Checks a change topic as a consumer relies on it: per key, versions 1..=N all present, a
+/// (key, version) only ever with one payload, and the last message in log order the newest
+/// (what compaction keeps). Returns that last message per key.
+pub fn last_change_per_key(changes: &[(Option<String>, Value)]) -> BTreeMap<String, Value> {
+    let mut versions: BTreeMap<String, BTreeMap<i64, &Value>> = BTreeMap::new();
+    let mut last: BTreeMap<String, Value> = BTreeMap::new();
+    for (key, message) in changes {
+        let key = key.clone().expect("change messages are keyed");
+        assert_eq!(message["type"], "entitlements.changed", "{message}");
+        let version = message["version"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("a version in {message}"));
+        let seen = versions.entry(key.clone()).or_default();
+        if let Some(earlier) = seen.insert(version, message) {
+            assert_eq!(
+                earlier, message,
+                "{key} version {version} was published twice with different payloads"
+            );
         }
+        last.insert(key, message.clone());
     }
-    let mut records = Vec::with_capacity(remaining);
-    if remaining == 0 {
-        return records;
-    }
-    consumer.assign(&assignment).expect("assign");
-    let end = Instant::now() + Duration::from_secs(60);
-    while records.len() < remaining {
-        assert!(
-            Instant::now() < end,
-            "read {} of {remaining} records of {topic}",
-            records.len()
+    for (key, seen) in &versions {
+        let newest = *seen.keys().next_back().expect("a version per key");
+        let present: Vec<i64> = seen.keys().copied().collect();
+        assert_eq!(
+            present,
+            (1..=newest).collect::<Vec<_>>(),
+            "versions of {key} have gaps"
         );
-        if let Some(result) = consumer.poll(Duration::from_millis(100)) {
-            records.push(result.expect("consume").detach());
-        }
+        assert_eq!(
+            last[key]["version"], newest,
+            "the last message of {key} in the topic is not its newest version, so the \
+             compacted topic would keep a stale state"
+        );
     }
-    records
-}
-
-/// Reads a topic from the beginning of every partition until `count` records or the deadline.
-pub fn read_topic(topic: &str, count: usize, deadline: Duration) -> Vec<OwnedMessage> {
-    let consumer: BaseConsumer = kafka_settings()
-        .client_config()
-        .set("group.id", unique("e2e-reader"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    let end = Instant::now() + deadline;
-    let partitions = loop {
-        let metadata = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .expect("metadata");
-        let n = metadata
-            .topics()
-            .first()
-            .map(|t| t.partitions().len())
-            .unwrap_or(0);
-        if n > 0 {
-            break n as i32;
-        }
-        assert!(Instant::now() < end, "topic {topic} does not exist");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut assignment = TopicPartitionList::new();
-    for p in 0..partitions {
-        assignment
-            .add_partition_offset(topic, p, Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&assignment).expect("assign");
-    let mut records = Vec::new();
-    while records.len() < count && Instant::now() < end {
-        if let Some(result) = consumer.poll(Duration::from_millis(100)) {
-            records.push(result.expect("consume").detach());
-        }
-    }
-    records
+    last
 }
 
 /// Webhook requests in flight at once in the concurrent senders.
@@ -727,26 +442,10 @@ pub const IN_FLIGHT: usize = 32;
 
 /// Signs and POSTs every body with `IN_FLIGHT` requests at a time; asserts each is a 200.
 pub async fn send_concurrently(client: &reqwest::Client, url: &str, bodies: &[String]) -> u64 {
-    let statuses: Vec<(u16, String)> = futures_util::stream::iter(bodies)
-        .map(|body| async move {
-            let header = signature_header(SECRET, now(), body.as_bytes());
-            let response = client
-                .post(url)
-                .header("Stripe-Signature", header)
-                .body(body.clone())
-                .send()
-                .await
-                .expect("POST to ingest");
-            let status = response.status().as_u16();
-            (status, response.text().await.unwrap_or_default())
-        })
-        .buffer_unordered(IN_FLIGHT)
-        .collect()
+    futures_util::stream::iter(bodies)
+        .for_each_concurrent(IN_FLIGHT, |body| post_signed(client, url, body))
         .await;
-    for (status, body) in &statuses {
-        assert_eq!(*status, 200, "ingest answered {status}: {body}");
-    }
-    statuses.len() as u64
+    bodies.len() as u64
 }
 
 pub async fn applied_records(db: &mut PgConnection, topic: &str) -> u64 {

@@ -4,7 +4,6 @@
 //!
 //! localstripe is one server for every test running at once, so tests never flush it; each
 //! test tracks the ids of the objects it created and asserts about those only.
-#![allow(dead_code)]
 
 use std::process::Command;
 use std::sync::OnceLock;

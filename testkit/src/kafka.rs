@@ -1,0 +1,154 @@
+//! The test's own Kafka clients: an admin for topics, and readers of what the services wrote.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::names::unique;
+
+pub fn brokers() -> String {
+    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// The settings the test's own Kafka clients use: the same variables as the services.
+pub fn kafka_settings() -> shared::kafka::KafkaSettings {
+    shared::kafka::KafkaSettings::from_env().expect("KAFKA_* settings")
+}
+
+/// An admin client on the same cluster as the services.
+pub fn admin() -> AdminClient<DefaultClientContext> {
+    kafka_settings()
+        .client_config()
+        .create()
+        .expect("Kafka admin client")
+}
+
+/// Creates `topic` with `partitions` and the given topic configs; panics unless it is created.
+pub async fn create_topic(topic: &str, partitions: i32, configs: &[(&str, &str)]) {
+    let mut new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    for (key, value) in configs {
+        new_topic = new_topic.set(key, value);
+    }
+    let results = admin()
+        .create_topics(&[new_topic], &AdminOptions::new())
+        .await
+        .expect("create_topics");
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+}
+
+/// A consumer in a group of its own that never commits: reading leaves no trace.
+fn reader() -> BaseConsumer {
+    kafka_settings()
+        .client_config()
+        .set("group.id", unique("e2e_reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer")
+}
+
+fn partition_count(consumer: &BaseConsumer, topic: &str) -> i32 {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    metadata
+        .topics()
+        .first()
+        .map_or(0, |t| t.partitions().len() as i32)
+}
+
+/// Reads a topic from the beginning of every partition until `count` records have arrived or
+/// `deadline` has passed (then it returns what it has); waits for the topic to exist.
+pub fn read_topic(topic: &str, count: usize, deadline: Duration) -> Vec<OwnedMessage> {
+    let consumer = reader();
+    let end = Instant::now() + deadline;
+    let partitions = loop {
+        let n = partition_count(&consumer, topic);
+        if n > 0 {
+            break n;
+        }
+        assert!(Instant::now() < end, "topic {topic} does not exist");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..partitions {
+        assignment
+            .add_partition_offset(topic, p, Offset::Beginning)
+            .expect("a partition offset");
+    }
+    consumer.assign(&assignment).expect("assign");
+    let mut records = Vec::new();
+    while records.len() < count && Instant::now() < end {
+        if let Some(result) = consumer.poll(Duration::from_millis(100)) {
+            records.push(result.expect("consume").detach());
+        }
+    }
+    records
+}
+
+/// Reads every record a topic holds now: from the beginning to each partition's high watermark.
+pub fn read_topic_to_end(topic: &str) -> Vec<OwnedMessage> {
+    let consumer = reader();
+    let mut assignment = TopicPartitionList::new();
+    let mut remaining = 0;
+    for p in 0..partition_count(&consumer, topic) {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .expect("watermarks");
+        if high > low {
+            remaining += (high - low) as usize;
+            assignment
+                .add_partition_offset(topic, p, Offset::Beginning)
+                .expect("a partition offset");
+        }
+    }
+    let mut records = Vec::with_capacity(remaining);
+    if remaining == 0 {
+        return records;
+    }
+    consumer.assign(&assignment).expect("assign");
+    let end = Instant::now() + Duration::from_secs(60);
+    while records.len() < remaining {
+        assert!(
+            Instant::now() < end,
+            "read {} of {remaining} records of {topic}",
+            records.len()
+        );
+        if let Some(result) = consumer.poll(Duration::from_millis(100)) {
+            records.push(result.expect("consume").detach());
+        }
+    }
+    records
+}
+
+pub fn header_value(message: &OwnedMessage, name: &str) -> Option<String> {
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// A header's value as text, borrowed from the message.
+pub fn header<'m>(message: &'m OwnedMessage, name: &str) -> Option<&'m str> {
+    message
+        .headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| std::str::from_utf8(v).expect("a UTF-8 header"))
+}
+
+pub fn payload_str(message: &OwnedMessage) -> String {
+    String::from_utf8(message.payload().unwrap_or_default().to_vec()).expect("a UTF-8 payload")
+}
+
+pub fn key_str(message: &OwnedMessage) -> Option<String> {
+    message
+        .key()
+        .map(|k| String::from_utf8(k.to_vec()).expect("a UTF-8 key"))
+}
