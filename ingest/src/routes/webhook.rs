@@ -31,10 +31,6 @@ pub struct RelatedObjectRequest {
     pub related_object: RelatedObject<'static>,
 }
 
-/// The most a request's declared `Content-Length` reserves before its bytes arrive; a Stripe
-/// event is 1-10 KB, so nearly every body is read into one allocation.
-const PREALLOCATED_BODY_MAX: usize = 64 * 1024;
-
 /// `POST /webhooks/stripe`: verify, then append the exact bytes, then answer.
 #[tracing::instrument(name = "webhook", skip_all, fields(event_id = tracing::field::Empty, outcome = tracing::field::Empty))]
 pub async fn stripe_webhook(
@@ -67,13 +63,11 @@ async fn handle(
     let received_at_ms = now_millis();
     let limit = state.config.max_body_bytes;
     // Refuse by the declared length before reading anything.
-    let declared = request
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|length| length.to_str().ok())
-        .and_then(|length| length.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > limit as u64) {
-        return Err(IngestError::PayloadTooLarge { limit });
+    if let Some(length) = request.headers().get(CONTENT_LENGTH) {
+        let declared = length.to_str().ok().and_then(|l| l.parse::<u64>().ok());
+        if declared.is_some_and(|l| l > limit as u64) {
+            return Err(IngestError::PayloadTooLarge { limit });
+        }
     }
     let signature_header = match request.headers().get("Stripe-Signature") {
         None => return Err(IngestError::MissingSignature),
@@ -85,11 +79,7 @@ async fn handle(
     // actix bounds the head's arrival but not the body's: a body that trickles would hold a
     // connection and its buffer for as long as the client likes.
     let deadline = state.config.body_read_timeout;
-    // The declared length sizes the buffer once: growing it chunk by chunk showed in the
-    // profile as malloc work the ceiling did not have. Capped, so that a client declaring a
-    // large body and sending nothing does not get memory reserved for it.
-    let capacity = declared.map_or(0, |length| (length as usize).min(PREALLOCATED_BODY_MAX));
-    let body = tokio::time::timeout(deadline, read_body(payload, limit, capacity))
+    let body = tokio::time::timeout(deadline, read_body(payload, limit))
         .await
         .map_err(|_| IngestError::BodyTimeout(deadline))??;
 
@@ -157,14 +147,9 @@ fn follow_thin_event(event: &EventEnvelope<'_>, state: &AppState) {
     }
 }
 
-/// Reads the body, stopping as soon as it exceeds `limit` (chunked bodies have no length), into
-/// a buffer of `capacity` bytes to begin with.
-async fn read_body(
-    mut payload: web::Payload,
-    limit: usize,
-    capacity: usize,
-) -> Result<web::Bytes, IngestError> {
-    let mut body = web::BytesMut::with_capacity(capacity);
+/// Reads the body, stopping as soon as it exceeds `limit` (chunked bodies have no length).
+async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::Bytes, IngestError> {
+    let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|_| IngestError::BodyRead)?;
         if body.len() + chunk.len() > limit {
