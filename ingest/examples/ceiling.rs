@@ -11,6 +11,9 @@
 //!     --headers          build the record headers of SPEC §5, as ingest does
 //!     --span             a tracing span per request, as ingest has (with a subscriber at warn)
 //!     --set key=value    a producer setting over the shared ones (e.g. linger.ms=0); repeatable
+//!     --no-produce       answer after verify and parse, without Kafka: the floor of HTTP and
+//!                        scheduling on this machine, under which neither program can go
+//!     --nodelay          TCP_NODELAY on the accepted connections
 //!
 //! Environment: KAFKA_BROKERS, STRIPE_WEBHOOK_SECRETS (one secret), CEILING_ADDR
 //! (default 127.0.0.1:0; the bound port is printed), CEILING_TOPIC (default bench_ceiling).
@@ -30,6 +33,7 @@ struct Ceiling {
     secrets: Vec<SecretString>,
     headers: bool,
     span: bool,
+    produce: bool,
 }
 
 async fn webhook(
@@ -85,6 +89,9 @@ async fn webhook(
     }
     let id = event.id.to_owned();
     drop(span);
+    if !state.produce {
+        return HttpResponse::Ok().json(serde_json::json!({"received": true, "id": id}));
+    }
     match state.producer.send(record, Duration::from_secs(10)).await {
         Ok(_) => HttpResponse::Ok().json(serde_json::json!({"received": true, "id": id})),
         Err(_) => HttpResponse::ServiceUnavailable().finish(),
@@ -96,6 +103,8 @@ async fn main() -> std::io::Result<()> {
     let mut workers = None;
     let mut headers = false;
     let mut span = false;
+    let mut produce = true;
+    let mut nodelay = false;
     let mut overrides = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -103,6 +112,8 @@ async fn main() -> std::io::Result<()> {
             "--workers" => workers = args.next().and_then(|w| w.parse::<usize>().ok()),
             "--headers" => headers = true,
             "--span" => span = true,
+            "--no-produce" => produce = false,
+            "--nodelay" => nodelay = true,
             "--set" => {
                 let setting = args.next().unwrap_or_default();
                 let (k, v) = setting.split_once('=').expect("--set key=value");
@@ -137,6 +148,7 @@ async fn main() -> std::io::Result<()> {
         secrets: vec![SecretString::from(secret)],
         headers,
         span,
+        produce,
     });
     let listener = std::net::TcpListener::bind(&addr)?;
     println!("ceiling listening on {}", listener.local_addr()?);
@@ -148,6 +160,9 @@ async fn main() -> std::io::Result<()> {
     .keep_alive(Duration::from_secs(75));
     if let Some(workers) = workers {
         server = server.workers(workers);
+    }
+    if nodelay {
+        server = server.tcp_nodelay(true);
     }
     server.listen(listener)?.run().await
 }

@@ -17,7 +17,9 @@
 //!     --requests N      requests measured (default 20000)
 //!     --rate R          open loop at R requests/s (default: closed loop)
 //!     --max-secs S      stop measuring after S seconds whatever the count (default 120)
-//!     --warmup N        requests sent and not measured first (default 500)
+//!     --warmup N        requests sent and not measured first (default 500); open loop: on
+//!                       the same schedule as the measured ones, which follow without a pause
+//!     --timeline MS     also print p99 and max latency of every MS milliseconds of the run
 //!     --customers N     distinct customers, so partition keys spread (default 5000)
 //!     --label TEXT      printed first on the result line, for A/B runs
 
@@ -46,12 +48,14 @@ struct Options {
     warmup: u64,
     customers: u64,
     label: String,
+    /// Milliseconds per slot of the timeline, when one is printed.
+    timeline: Option<u64>,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: load [--connections N] [--requests N] [--rate R] [--max-secs S] [--warmup N] \
-         [--customers N] [--label TEXT] <url> <whsec_…>"
+         [--customers N] [--label TEXT] [--timeline MS] <url> <whsec_…>"
     );
     std::process::exit(2)
 }
@@ -68,6 +72,7 @@ fn options() -> Options {
         warmup: 500,
         customers: 5000,
         label: String::new(),
+        timeline: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -80,6 +85,7 @@ fn options() -> Options {
             "--warmup" => o.warmup = value().parse().unwrap_or_else(|_| usage()),
             "--customers" => o.customers = value().parse().unwrap_or_else(|_| usage()),
             "--label" => o.label = value(),
+            "--timeline" => o.timeline = Some(value().parse().unwrap_or_else(|_| usage())),
             flag if flag.starts_with("--") => usage(),
             _ => positional.push(arg),
         }
@@ -116,12 +122,56 @@ struct Load {
 #[derive(Default)]
 struct Tally {
     latency: Option<Histogram<u64>>,
+    /// From the intended send time to the request handed to the client (a connection permit,
+    /// rendering, signing): the generator's own lateness. When its tail is as long as the
+    /// latency's, the tail is the machine's scheduling, not the server.
+    lateness: Option<Histogram<u64>>,
     ok: u64,
     by_status: BTreeMap<u16, u64>,
     by_error: BTreeMap<&'static str, u64>,
+    /// The latency of the requests of each slot of the run (by intended send time), to tell
+    /// a stall (a few bad slots) from a cost every request pays.
+    by_slot: Vec<Histogram<u64>>,
     /// The first non-2xx answer's body, to say why.
     first_rejection: Option<String>,
     body_bytes: u64,
+}
+
+/// 1 µs .. 60 s, 3 significant digits.
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Warm-up as fast as the connections allow: they open and the producer gets its id; nothing
+/// is measured.
+async fn burst_warmup(load: &Arc<Load>, in_flight: &Arc<Semaphore>, requests: u64) {
+    let mut warmers = Vec::new();
+    for _ in 0..requests {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let load = load.clone();
+        warmers.push(tokio::spawn(async move {
+            load.send(Instant::now(), None).await;
+            drop(permit);
+        }));
+    }
+    for w in warmers {
+        let _ = w.await;
+    }
+}
+
+/// This process's user + system CPU time so far, from /proc (Linux), so that a run can say
+/// how much of the machine the generator itself took.
+fn own_cpu_ms() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name may contain spaces; the fields after its closing parenthesis do not.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of proc(5), 12 and 13 after the name; clock ticks
+    // of 10 ms on Linux (USER_HZ = 100).
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) * 10)
 }
 
 fn unix_now() -> i64 {
@@ -133,8 +183,8 @@ fn unix_now() -> i64 {
 
 impl Load {
     /// Sends one fresh, freshly signed event; records its latency from `intended` when
-    /// `measured`.
-    async fn send(&self, intended: Instant, measured: bool) {
+    /// `measured`, in the run's histogram and in that of its timeline slot.
+    async fn send(&self, intended: Instant, measured: Option<usize>) {
         let n = self.sequence.fetch_add(1, Ordering::Relaxed);
         let template = &self.templates[(n % self.templates.len() as u64) as usize];
         let now = unix_now();
@@ -147,6 +197,7 @@ impl Load {
         );
         let signature = ingest::signature::header_for(&self.secret, now, &body);
         let length = body.len() as u64;
+        let late = intended.elapsed();
         let result = self
             .client
             .post(&self.url)
@@ -176,12 +227,20 @@ impl Load {
             Err(_) => Err("request"),
         };
         let elapsed = intended.elapsed();
-        if !measured {
+        let Some(slot) = measured else {
             return;
-        }
+        };
+        let micros = (elapsed.as_micros() as u64).max(1);
         let mut tally = self.tally.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(h) = tally.latency.as_mut() {
-            h.saturating_record((elapsed.as_micros() as u64).max(1));
+            h.saturating_record(micros);
+        }
+        if tally.by_slot.len() <= slot {
+            tally.by_slot.resize_with(slot + 1, new_histogram);
+        }
+        tally.by_slot[slot].saturating_record(micros);
+        if let Some(h) = tally.lateness.as_mut() {
+            h.saturating_record((late.as_micros() as u64).max(1));
         }
         tally.body_bytes += length;
         match status {
@@ -215,32 +274,20 @@ async fn main() {
         run: std::process::id(),
         sequence: AtomicU64::new(0),
         tally: Mutex::new(Tally {
-            latency: Some(
-                Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds"),
-            ),
+            latency: Some(new_histogram()),
+            lateness: Some(new_histogram()),
             ..Tally::default()
         }),
     });
 
-    // Warm-up: connections open, the producer gets its id, nothing measured.
-    let warm = Arc::new(Semaphore::new(o.connections));
-    let mut warmers = Vec::new();
-    for _ in 0..o.warmup {
-        let (load, permit) = (load.clone(), warm.clone().acquire_owned().await);
-        warmers.push(tokio::spawn(async move {
-            load.send(Instant::now(), false).await;
-            drop(permit);
-        }));
-    }
-    for w in warmers {
-        let _ = w.await;
-    }
-
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(o.max_secs);
+    let in_flight = Arc::new(Semaphore::new(o.connections));
+    let slot_ms = o.timeline.unwrap_or(1000).max(1);
     let mut tasks = Vec::new();
-    let mode = match o.rate {
+    let (started, mode) = match o.rate {
         None => {
+            burst_warmup(&load, &in_flight, o.warmup).await;
+            let started = Instant::now();
+            let deadline = started + Duration::from_secs(o.max_secs);
             let next = Arc::new(AtomicU64::new(0));
             for _ in 0..o.connections {
                 let (load, next, requests) = (load.clone(), next.clone(), o.requests);
@@ -248,32 +295,47 @@ async fn main() {
                     while next.fetch_add(1, Ordering::Relaxed) < requests
                         && Instant::now() < deadline
                     {
-                        load.send(Instant::now(), true).await;
+                        let now = Instant::now();
+                        let slot = ((now - started).as_millis() as u64 / slot_ms) as usize;
+                        load.send(now, Some(slot)).await;
                     }
                 }));
             }
-            format!("closed loop, {} connections", o.connections)
+            (
+                started,
+                format!("closed loop, {} connections", o.connections),
+            )
         }
         Some(rate) => {
-            let in_flight = Arc::new(Semaphore::new(o.connections));
+            // The warm-up runs on the same schedule as the measurement and flows into it, so
+            // that what is measured is the steady state at this rate, not the wake of a burst.
+            let warmup = o.warmup;
             let period = Duration::from_secs_f64(1.0 / rate);
-            for i in 0..o.requests {
-                let intended = started + period.mul_f64(i as f64);
+            let schedule = Instant::now();
+            let started = schedule + period.mul_f64(warmup as f64);
+            let deadline = started + Duration::from_secs(o.max_secs);
+            for i in 0..warmup + o.requests {
+                let intended = schedule + period.mul_f64(i as f64);
                 if intended > deadline {
                     break;
                 }
                 tokio::time::sleep_until(intended.into()).await;
+                let measured = (i >= warmup)
+                    .then(|| ((intended - started).as_millis() as u64 / slot_ms) as usize);
                 let (load, in_flight) = (load.clone(), in_flight.clone());
                 tasks.push(tokio::spawn(async move {
                     let Ok(_permit) = in_flight.acquire_owned().await else {
                         return;
                     };
-                    load.send(intended, true).await;
+                    load.send(intended, measured).await;
                 }));
             }
-            format!(
-                "open loop at {rate} req/s, at most {} in flight",
-                o.connections
+            (
+                started,
+                format!(
+                    "open loop at {rate} req/s, at most {} in flight",
+                    o.connections
+                ),
             )
         }
     };
@@ -285,11 +347,18 @@ async fn main() {
     let tally = load.tally.lock().unwrap_or_else(|p| p.into_inner());
     let h = tally.latency.as_ref().expect("histogram");
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    let late = tally.lateness.as_ref().expect("histogram");
+    let late_ms = |q: f64| late.value_at_quantile(q) as f64 / 1000.0;
     let sent = h.len();
     println!(
         "{}{mode}: {sent} requests in {elapsed:.2}s = {:.0} req/s ({:.0} 2xx/s), mean body {} B; \
-         latency ms p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}; 2xx {}; non-2xx {:?}; errors {:?}",
-        if o.label.is_empty() { String::new() } else { format!("[{}] ", o.label) },
+         latency ms p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}; \
+         generator late ms p99 {:.2} max {:.2}; 2xx {}; non-2xx {:?}; errors {:?}",
+        if o.label.is_empty() {
+            String::new()
+        } else {
+            format!("[{}] ", o.label)
+        },
         sent as f64 / elapsed,
         tally.ok as f64 / elapsed,
         tally.body_bytes / sent.max(1),
@@ -298,10 +367,32 @@ async fn main() {
         ms(0.99),
         ms(0.999),
         h.max() as f64 / 1000.0,
+        late_ms(0.99),
+        late.max() as f64 / 1000.0,
         tally.ok,
         tally.by_status,
         tally.by_error,
     );
+    if let Some(slot_ms) = o.timeline {
+        let slots: Vec<String> = tally
+            .by_slot
+            .iter()
+            .map(|h| {
+                format!(
+                    "{:.0}/{:.0}",
+                    h.value_at_quantile(0.99) as f64 / 1000.0,
+                    h.max() as f64 / 1000.0
+                )
+            })
+            .collect();
+        println!("every {slot_ms} ms, p99/max ms: {}", slots.join(" "));
+    }
+    if let Some(cpu_ms) = own_cpu_ms() {
+        println!(
+            "generator CPU: {cpu_ms} ms in all, {:.0} µs per request (warm-up included)",
+            cpu_ms as f64 * 1000.0 / (sent + o.warmup).max(1) as f64
+        );
+    }
     if let Some(body) = &tally.first_rejection {
         println!("first rejection: {body}");
     }

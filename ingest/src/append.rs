@@ -2,6 +2,7 @@
 //! an idempotent producer. A request is answered 2xx only after the delivery report says the
 //! record is written.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -10,8 +11,6 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use shared::envelope::header;
 use shared::kafka::{durable_producer_config, KafkaSettings};
 use shared::{EventEnvelope, EventSource};
-
-use crate::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppendError {
@@ -56,11 +55,20 @@ pub struct SourcedRecord<'a> {
     pub source: EventSource,
 }
 
+/// Who is told how long each append to the raw log took: the HTTP service's metrics. The log
+/// reports through this and knows nothing of the service around it; `backfill`, `reconcile` and
+/// the fetch after a thin event have no one watching.
+pub trait AppendObserver: Send + Sync {
+    /// An event was acknowledged, or failed, `elapsed` after it was handed to the producer.
+    fn appended(&self, elapsed: Duration);
+}
+
 pub struct EventLog {
     producer: FutureProducer,
     events_topic: String,
     dlq_topic: String,
     timeout: Duration,
+    observer: Option<Arc<dyn AppendObserver>>,
 }
 
 impl EventLog {
@@ -78,7 +86,14 @@ impl EventLog {
             events_topic: events_topic.to_owned(),
             dlq_topic: dlq_topic.to_owned(),
             timeout,
+            observer: None,
         })
+    }
+
+    /// Reports every append of an event (not of a dead letter) to `observer`.
+    pub fn observed_by(mut self, observer: Arc<dyn AppendObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// Appends a verified Stripe event (snapshot or thin) to the raw log, keyed and with the
@@ -88,7 +103,6 @@ impl EventLog {
         event: &EventEnvelope<'_>,
         body: &[u8],
         receipt: &Receipt<'_>,
-        metrics: &Metrics,
     ) -> Result<Appended, AppendError> {
         let received_at = receipt.received_at_ms.to_string();
         let headers = event_headers(EventHeaders {
@@ -107,12 +121,7 @@ impl EventLog {
             .key(&key)
             .payload(body)
             .headers(headers);
-        let started = Instant::now();
-        let result = self.deliver(record).await;
-        metrics
-            .append_latency
-            .observe(started.elapsed().as_secs_f64());
-        result
+        self.deliver_observed(record).await
     }
 
     /// Appends a record ingest read from the Stripe API, keyed and with the headers of SPEC §5.
@@ -136,7 +145,7 @@ impl EventLog {
             .key(record.key)
             .payload(record.body)
             .headers(headers);
-        self.deliver(record).await
+        self.deliver_observed(record).await
     }
 
     /// Appends a verified payload that is not a Stripe event to the dead-letter topic, with the
@@ -159,6 +168,18 @@ impl EventLog {
             .payload(body)
             .headers(headers);
         self.deliver(record).await
+    }
+
+    async fn deliver_observed(
+        &self,
+        record: FutureRecord<'_, impl rdkafka::message::ToBytes + ?Sized, [u8]>,
+    ) -> Result<Appended, AppendError> {
+        let started = Instant::now();
+        let result = self.deliver(record).await;
+        if let Some(observer) = &self.observer {
+            observer.appended(started.elapsed());
+        }
+        result
     }
 
     async fn deliver(

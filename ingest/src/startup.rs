@@ -11,7 +11,7 @@ use shared::kafka::{
 };
 use shared::limits::{ingest_record_max_bytes, TopicTooSmall};
 
-use crate::append::EventLog;
+use crate::append::{AppendObserver, EventLog};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::related_fetch;
@@ -21,7 +21,8 @@ use crate::routes::{self, RelatedObjectFetch};
 pub struct AppState {
     pub config: Config,
     pub log: EventLog,
-    pub metrics: Metrics,
+    /// Shared with the log, which reports its append latency to it.
+    pub metrics: Arc<Metrics>,
     /// Where a durable thin event's related object is handed for fetching (SPEC §11); `None`
     /// when no `STRIPE_API_KEY` is configured, and the thin event is then only logged.
     pub related_objects: Option<Arc<dyn RelatedObjectFetch>>,
@@ -52,6 +53,13 @@ pub enum StartupError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+}
+
+/// The service's metrics watch the log's appends.
+impl AppendObserver for Metrics {
+    fn appended(&self, elapsed: Duration) {
+        self.append_latency.observe(elapsed.as_secs_f64());
+    }
 }
 
 pub struct Application {
@@ -90,13 +98,15 @@ impl Application {
             },
             other => StartupError::Topics(other),
         })?;
+        let metrics = Arc::new(Metrics::default());
         let log = EventLog::new(
             &config.kafka,
             &config.events_topic,
             &config.dlq_topic,
             config.append_timeout,
             record_bytes,
-        )?;
+        )?
+        .observed_by(metrics.clone());
         let listener = TcpListener::bind(config.addr).map_err(|source| StartupError::Listen {
             addr: config.addr,
             source,
@@ -108,7 +118,6 @@ impl Application {
                 source,
             })?
             .port();
-        let metrics = Metrics::default();
         let related_objects = match &config.stripe_api {
             Some(api) => Some(related_fetch::start(
                 api,

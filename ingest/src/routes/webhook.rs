@@ -113,7 +113,7 @@ async fn handle(
     tracing::Span::current().record("event_id", event.id);
     state
         .log
-        .append_event(&event, &body, &receipt, &state.metrics)
+        .append_event(&event, &body, &receipt)
         .await
         .map_err(IngestError::Unavailable)?;
     if event.thin().is_some() {
