@@ -336,6 +336,11 @@ pub(super) async fn prepare_messages(
     max_reported: usize,
 ) -> Result<Vec<Difference>, RebuildError> {
     let mut tx = fresh.begin().await?;
+    // The last scaffolding commit before the lock waits for the WAL: it flushes everything the
+    // asynchronous commits before it wrote, so that the swap's commit under the lock does not.
+    sqlx::query("SET LOCAL synchronous_commit = on")
+        .execute(&mut *tx)
+        .await?;
     sqlx::query(
         "CREATE UNLOGGED TABLE pending_outbox (account text NOT NULL, customer text NOT NULL,
              topic text NOT NULL, key text NOT NULL, payload bytea NOT NULL,

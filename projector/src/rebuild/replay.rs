@@ -28,7 +28,7 @@ use super::{Phases, RebuildError, STALL};
 /// Records decoded, coalesced and staged at a time. With [`PIPELINE_DEPTH`], [`DECODERS`] and
 /// [`COPIES`], bounds the replay's memory whatever the size of the log: at most
 /// `2 × PIPELINE_DEPTH + DECODERS + COPIES` chunks (payloads or their COPY text) at a time.
-const CHUNK: usize = 5_000;
+const CHUNK: usize = 2_500;
 
 /// Chunks waiting between two stages of the bulk load.
 const PIPELINE_DEPTH: usize = 1;
@@ -43,8 +43,9 @@ const COPIES: usize = 2;
 /// Records per catch-up transaction: larger than live batches, nobody waits on them.
 const CATCH_UP_BATCH: usize = 5_000;
 
-/// Customers whose entitlements are derived per round trip at the end of the bulk load.
-const DERIVE_CHUNK: i64 = 2_000;
+/// Customers whose entitlements are derived per round trip at the end of the bulk load; with
+/// [`DERIVERS`] chunks in flight, the states held at a time.
+const DERIVE_CHUNK: i64 = 1_000;
 
 /// Reads the log partition by partition up to per-partition targets that may move forward
 /// between calls (live keeps applying). Records read past a partition's current target are
