@@ -9,6 +9,7 @@
 
 pub mod change;
 pub mod entitlements;
+pub mod payload;
 pub mod policy;
 pub mod rank;
 pub mod snapshot;

@@ -13,6 +13,7 @@
 
 use std::collections::HashSet;
 
+use sqlx::types::Json;
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use shared::Cause;
@@ -160,7 +161,7 @@ async fn reconcile(
             let c: String = row.try_get("customer")?;
             let l: bool = row.try_get("livemode")?;
             let emptied = change::vanished(&a, &c, l, row.try_get("updated_at")?);
-            view.push(serde_json::to_string(&emptied)?);
+            view.push(Json(emptied));
             account.push(a);
             customer.push(c);
             livemode.push(l);
@@ -171,8 +172,8 @@ async fn reconcile(
         );
         sqlx::query(&format!(
             "INSERT INTO {n} (account, customer, livemode, client_reference_id, features, version, view, updated_at)
-             SELECT u.account, u.customer, u.livemode, NULL, '{{}}', 0, u.view::jsonb, o.updated_at
-             FROM UNNEST($1::text[], $2::text[], $3::bool[], $4::text[]) AS u(account, customer, livemode, view)
+             SELECT u.account, u.customer, u.livemode, NULL, '{{}}', 0, u.view, o.updated_at
+             FROM UNNEST($1::text[], $2::text[], $3::bool[], $4::jsonb[]) AS u(account, customer, livemode, view)
              JOIN {source} o ON o.account = u.account AND o.customer = u.customer"
         ))
         .bind(&account)
@@ -237,7 +238,7 @@ async fn write_messages(
     };
     sqlx::query(&format!(
         "DECLARE changes NO SCROLL CURSOR FOR
-         SELECT n.account, n.customer, n.version, n.view::text AS view, n.features,
+         SELECT n.account, n.customer, n.version, n.view, n.features,
                 o.features AS features_before, o.version AS version_before
          FROM {schema}.changed c {dirty}
          JOIN {schema}.entitlements n ON n.account = c.account AND n.customer = c.customer
@@ -280,7 +281,7 @@ async fn write_messages(
                 )));
             }
             let before = features_before.as_deref().unwrap_or_default();
-            let object: serde_json::Value = serde_json::from_str(row.try_get("view")?)?;
+            let Json(object): Json<serde_json::Value> = row.try_get("view")?;
             let message = change_message(object, version, before, &features, Cause::rebuild());
             pending.key.push(shared::envelope::scoped_key(
                 (!account.is_empty()).then_some(account.as_str()),
@@ -335,6 +336,11 @@ pub(super) async fn prepare_messages(
     max_reported: usize,
 ) -> Result<Vec<Difference>, RebuildError> {
     let mut tx = fresh.begin().await?;
+    // The last scaffolding commit before the lock waits for the WAL: it flushes everything the
+    // asynchronous commits before it wrote, so that the swap's commit under the lock does not.
+    sqlx::query("SET LOCAL synchronous_commit = on")
+        .execute(&mut *tx)
+        .await?;
     sqlx::query(
         "CREATE UNLOGGED TABLE pending_outbox (account text NOT NULL, customer text NOT NULL,
              topic text NOT NULL, key text NOT NULL, payload bytea NOT NULL,

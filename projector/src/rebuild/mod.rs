@@ -2,8 +2,9 @@
 //! projector keeps serving, then swaps by renaming and announces only the net differences.
 //!
 //! 1. [`replay`], bulk: every partition from its beginning up to the offsets live has applied,
-//!    decoded and coalesced per chunk, COPYed into unlogged staging tables, folded by rank
-//!    once per table and the entitlements derived per customer at the end. No lock.
+//!    read, decoded and coalesced per chunk and COPYed into unlogged staging tables by
+//!    overlapping stages, folded by rank once per table (tables concurrently, indexes built
+//!    after the load) and the entitlements derived per customer at the end. No lock.
 //! 2. [`replay`], catch-up: what live applied meanwhile, in ordinary rebuild batches, round
 //!    after round until what remains takes under [`LOCK_BUDGET`] to apply. No lock.
 //! 3. [`diff`], reconcile: versions carried over from a copy of live's entitlements and every
@@ -27,7 +28,9 @@ mod swap;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use secrecy::{ExposeSecret, SecretString};
 use serde::Serialize;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Acquire, PgPool};
 
 use crate::config::Config;
@@ -218,17 +221,18 @@ async fn rebuild_into(
     retired_schema: &str,
     options: RebuildOptions,
 ) -> Result<RebuildReport, RebuildError> {
-    let fresh = store::connect_in(&config.database_url, 3, Some(fresh_schema)).await?;
+    let fresh = scaffolding_pool(&config.database_url, fresh_schema).await?;
     store::migrate(&fresh).await?;
     let mut phases = Phases::default();
-    let mut reader = LogReader::open(config, fresh_schema)?;
+    let reader = LogReader::open(config, fresh_schema)?;
 
     // 1. Bulk, up to what live had applied when the rebuild started.
     let targets = live_offsets(live, &config.events_topic, &reader).await?;
     let mut progress = Progress::new(reader.lag(&targets).max(0) as u64);
-    let bulk = replay::bulk(
+    let (mut reader, bulk) = replay::bulk(
         &fresh,
-        &mut reader,
+        fresh_schema,
+        reader,
         &targets,
         config,
         &mut progress,
@@ -408,6 +412,29 @@ async fn finish_locked(
         changed: diffs.changed,
         differences: diffs.reported,
     })
+}
+
+/// Connections to the fresh schema: the bulk load's COPY streams, the concurrent folds and
+/// derivations, and the cursor that feeds them.
+const SCAFFOLDING_CONNECTIONS: u32 = 4;
+
+/// The pool that writes the fresh schema, with `synchronous_commit = off`: its commits do not
+/// wait for the WAL to reach the disk. That is safe for everything written before the swap:
+///
+/// - a crash before the swap loses at most the last commits of a schema that nobody reads and
+///   the next rebuild drops ([`swap::drop_leftovers`]);
+/// - the swap's transaction runs on the control session, a live connection with the server's
+///   own (synchronous) setting, and a commit flushes the WAL *up to its own commit record*,
+///   which includes every earlier asynchronous commit's changes: once the swap is durable, so
+///   is every row of the tables it brings in. Asynchronous commit can lose the latest
+///   transactions, never reorder them, so no crash leaves a swapped schema without its rows.
+async fn scaffolding_pool(url: &SecretString, schema: &str) -> Result<PgPool, sqlx::Error> {
+    let options: PgConnectOptions = url.expose_secret().parse()?;
+    PgPoolOptions::new()
+        .max_connections(SCAFFOLDING_CONNECTIONS)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(options.options([("search_path", schema), ("synchronous_commit", "off")]))
+        .await
 }
 
 /// Live's stored next offset per partition of the log (0 where it has none yet).

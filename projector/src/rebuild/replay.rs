@@ -4,35 +4,48 @@
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::postgres::PgPoolCopyExt;
-use sqlx::{PgPool, Row};
-
-use shared::EventEnvelope;
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use tokio::task::JoinSet;
 
 use crate::config::Config;
+use crate::projection::payload::project_payload;
 use crate::projection::{
-    compute, newer, project, CustomerKey, EntitlementPolicy, ObjectKey, ProjectedEvent, Snapshot,
+    compute, newer, CustomerKey, EntitlementPolicy, ObjectKey, ProjectedEvent, Snapshot,
 };
 use crate::store::{self, apply_batch, BatchContext, InputRecord};
 
 use super::progress::Progress;
 use super::{Phases, RebuildError, STALL};
 
-/// Records decoded, coalesced and staged at a time. Bounds the replay's memory whatever the size
-/// of the log: about this many payloads plus their COPY text, twice (one chunk is staged while
-/// the next is decoded).
-const CHUNK: usize = 5_000;
+/// Records decoded, coalesced and staged at a time. With [`PIPELINE_DEPTH`], [`DECODERS`] and
+/// [`COPIES`], bounds the replay's memory whatever the size of the log: at most
+/// `2 × PIPELINE_DEPTH + DECODERS + COPIES` chunks (payloads or their COPY text) at a time.
+const CHUNK: usize = 2_500;
+
+/// Chunks waiting between two stages of the bulk load.
+const PIPELINE_DEPTH: usize = 1;
+
+/// Threads decoding and coalescing chunks during the bulk load: JSON parsing is the replay's
+/// largest cost in the Rust process.
+const DECODERS: usize = 1;
+
+/// COPY streams staging chunks at a time, each on its own connection.
+const COPIES: usize = 2;
 
 /// Records per catch-up transaction: larger than live batches, nobody waits on them.
 const CATCH_UP_BATCH: usize = 5_000;
 
-/// Customers whose entitlements are derived per round trip at the end of the bulk load.
-const DERIVE_CHUNK: i64 = 2_000;
+/// Customers whose entitlements are derived per round trip at the end of the bulk load; with
+/// [`DERIVERS`] chunks in flight, the states held at a time.
+const DERIVE_CHUNK: i64 = 1_000;
 
 /// Reads the log partition by partition up to per-partition targets that may move forward
 /// between calls (live keeps applying). Records read past a partition's current target are
@@ -234,15 +247,21 @@ const STAGING: &[(&str, &str)] = &[
 const RANK_COLUMNS: &str = "rank_created int8, rank_type int2, rank_status int2, \
      rank_event_id text COLLATE \"C\", event_type text, snapshot text";
 
-/// The bulk load: every record up to `targets`, then the fold and the entitlements.
+/// The bulk load: every record up to `targets`, then the fold and the entitlements. Takes the
+/// reader to its own thread for the load and hands it back for the catch-up.
+///
+/// Three stages overlap, each bounded by a channel of [`PIPELINE_DEPTH`] chunks: a thread reads
+/// chunks of the log, [`DECODERS`] threads decode and coalesce them into COPY text, and up to
+/// [`COPIES`] COPY streams stage them, each on its own connection.
 pub(super) async fn bulk(
     fresh: &PgPool,
-    reader: &mut LogReader,
+    schema: &str,
+    reader: LogReader,
     targets: &BTreeMap<i32, i64>,
     config: &Config,
     progress: &mut Progress,
     phases: &mut Phases,
-) -> Result<Applied, RebuildError> {
+) -> Result<(LogReader, Applied), RebuildError> {
     let started = Instant::now();
     for (table, columns) in STAGING {
         sqlx::query(&format!(
@@ -251,31 +270,68 @@ pub(super) async fn bulk(
         .execute(fresh)
         .await?;
     }
+    let (read_tx, read_rx) = std::sync::mpsc::sync_channel::<Vec<InputRecord>>(PIPELINE_DEPTH);
+    let reading = {
+        let targets = targets.clone();
+        tokio::task::spawn_blocking(move || -> Result<LogReader, RebuildError> {
+            let mut reader = reader;
+            loop {
+                let records = reader.read(&targets, CHUNK)?;
+                // Nothing left, or the decoders stopped (the caller reports why).
+                if records.is_empty() || read_tx.send(records).is_err() {
+                    return Ok(reader);
+                }
+            }
+        })
+    };
+    let read_rx = Arc::new(Mutex::new(read_rx));
+    let (staged_tx, mut staged_rx) = tokio::sync::mpsc::channel::<StagedChunk>(PIPELINE_DEPTH);
+    let decoders: Vec<_> = (0..DECODERS)
+        .map(|_| {
+            let read_rx = Arc::clone(&read_rx);
+            let staged_tx = staged_tx.clone();
+            tokio::task::spawn_blocking(move || loop {
+                // One decoder at a time waits for the next chunk; a poisoned lock means another
+                // decoder panicked, and its join reports it.
+                let next = match read_rx.lock() {
+                    Ok(rx) => rx.recv(),
+                    Err(_) => return,
+                };
+                let Ok(records) = next else { return };
+                let chunk = StagedChunk::encode(&records);
+                drop(records);
+                if staged_tx.blocking_send(chunk).is_err() {
+                    return;
+                }
+            })
+        })
+        .collect();
+    drop(staged_tx);
+
     let mut applied = Applied::default();
-    // One chunk is COPYed while the next is read and decoded.
-    let mut staging: Option<tokio::task::JoinHandle<Result<(), sqlx::Error>>> = None;
-    loop {
-        let records = reader.read(targets, CHUNK)?;
-        if records.is_empty() {
-            break;
-        }
-        let chunk = StagedChunk::encode(&records);
-        applied.records += records.len() as u64;
+    let mut copies: JoinSet<Result<(), sqlx::Error>> = JoinSet::new();
+    while let Some(chunk) = staged_rx.recv().await {
+        applied.records += chunk.records;
         applied.dead_letters += chunk.unusable;
-        drop(records);
-        if let Some(previous) = staging.take() {
-            previous.await.map_err(join_error)??;
-        }
         progress.advance(chunk.records);
-        staging = Some(tokio::spawn(chunk.copy(fresh.clone())));
+        while copies.len() >= COPIES {
+            if let Some(copied) = copies.join_next().await {
+                copied.map_err(join_error)??;
+            }
+        }
+        copies.spawn(chunk.copy(fresh.clone()));
     }
-    if let Some(previous) = staging.take() {
-        previous.await.map_err(join_error)??;
+    while let Some(copied) = copies.join_next().await {
+        copied.map_err(join_error)??;
     }
+    for decoder in decoders {
+        decoder.await.map_err(join_error)?;
+    }
+    let reader = reading.await.map_err(join_error)??;
     phases.replay_secs = started.elapsed().as_secs_f64();
 
     let started = Instant::now();
-    fold(fresh).await?;
+    fold(fresh, schema).await?;
     let positions: Vec<(i32, i64)> = reader.positions().iter().map(|(p, o)| (*p, *o)).collect();
     sqlx::query(
         "INSERT INTO consumer_offsets (topic, partition, next_offset)
@@ -289,9 +345,9 @@ pub(super) async fn bulk(
     phases.fold_secs = started.elapsed().as_secs_f64();
 
     let started = Instant::now();
-    derive_entitlements(fresh, &config.policy).await?;
+    derive_entitlements(fresh, schema, &config.policy).await?;
     phases.derive_secs = started.elapsed().as_secs_f64();
-    Ok(applied)
+    Ok((reader, applied))
 }
 
 fn join_error(e: tokio::task::JoinError) -> RebuildError {
@@ -311,11 +367,8 @@ impl StagedChunk {
         let mut unusable = 0;
         let mut chunk = ChunkObjects::default();
         for record in records {
-            match record.payload.as_deref().map(EventEnvelope::parse) {
-                Some(Ok(envelope)) => match project(&envelope) {
-                    Ok(event) => chunk.push(event),
-                    Err(_) => unusable += 1,
-                },
+            match record.payload.as_deref().map(project_payload) {
+                Some(Ok(event)) => chunk.push(event),
                 _ => unusable += 1,
             }
         }
@@ -547,16 +600,10 @@ impl CopyText {
     }
 }
 
-/// Per staged table, the fold: the max-rank row per key (SPEC §6 order, as `Rank` orders it),
-/// found by a sort of the narrow key and rank columns only, then the winners' wide rows
-/// fetched by `ctid` and their snapshots parsed into jsonb once.
+/// Per staged table, the usually largest first, the fold: the max-rank row per key (SPEC §6
+/// order, as `Rank` orders it), found by a sort of the narrow key and rank columns only, then
+/// the winners' wide rows fetched by `ctid` and their snapshots parsed into jsonb once.
 const FOLDS: &[(&str, &str, &str, &str)] = &[
-    (
-        "customers",
-        "account, id",
-        "account, id, livemode, email, name, deleted, rank_created, rank_type, rank_status, rank_event_id, event_type, snapshot",
-        "s.account, s.id, s.livemode, s.email, s.name, w.deleted, s.rank_created, s.rank_type, s.rank_status, s.rank_event_id, s.event_type, s.snapshot::jsonb",
-    ),
     (
         "subscriptions",
         "account, id",
@@ -568,6 +615,12 @@ const FOLDS: &[(&str, &str, &str, &str)] = &[
         "account, id",
         "account, id, livemode, customer, subscription, status, paid, amount_paid, attempt_count, next_payment_attempt, paid_through, rank_created, rank_type, rank_status, rank_event_id, event_type, snapshot",
         "s.account, s.id, s.livemode, s.customer, s.subscription, s.status, s.paid, s.amount_paid, s.attempt_count, s.next_payment_attempt, s.paid_through, s.rank_created, s.rank_type, s.rank_status, s.rank_event_id, s.event_type, s.snapshot::jsonb",
+    ),
+    (
+        "customers",
+        "account, id",
+        "account, id, livemode, email, name, deleted, rank_created, rank_type, rank_status, rank_event_id, event_type, snapshot",
+        "s.account, s.id, s.livemode, s.email, s.name, w.deleted, s.rank_created, s.rank_type, s.rank_status, s.rank_event_id, s.event_type, s.snapshot::jsonb",
     ),
     (
         "checkout_sessions",
@@ -583,36 +636,125 @@ const FOLDS: &[(&str, &str, &str, &str)] = &[
     ),
 ];
 
-async fn fold(fresh: &PgPool) -> Result<(), RebuildError> {
-    for (table, key, columns, select) in FOLDS {
-        let mut tx = fresh.begin().await?;
-        // The narrow sort fits in memory; the staged rows themselves are read once.
-        sqlx::query("SET LOCAL work_mem = '256MB'")
-            .execute(&mut *tx)
-            .await?;
-        // A customer's deletion sticks whatever outranks it (`deleted` is an OR over them all).
-        let deleted = if *table == "customers" {
-            format!(", bool_or(deleted) OVER (PARTITION BY {key}) AS deleted")
-        } else {
-            String::new()
-        };
-        sqlx::query(&format!(
-            "INSERT INTO {table} ({columns})
-             SELECT {select}
-             FROM (SELECT DISTINCT ON ({key}) ctid AS row{deleted}
-                   FROM stage_{table}
-                   ORDER BY {key}, rank_created DESC, rank_type DESC, rank_status DESC, rank_event_id DESC) w
-             JOIN stage_{table} s ON s.ctid = w.row"
-        ))
+/// Tables folded at a time, each on its own connection (largest first, in [`FOLDS`] order):
+/// the fold is Postgres's work, and on its own one backend leaves the other core idle.
+const FOLD_CONCURRENCY: usize = 3;
+
+async fn fold(fresh: &PgPool, schema: &str) -> Result<(), RebuildError> {
+    let mut folds =
+        futures_util::stream::iter(FOLDS.iter().map(|(table, key, columns, select)| {
+            fold_table(fresh, schema, table, key, columns, select)
+        }))
+        .buffer_unordered(FOLD_CONCURRENCY);
+    while let Some(folded) = folds.next().await {
+        folded?;
+    }
+    Ok(())
+}
+
+async fn fold_table(
+    fresh: &PgPool,
+    schema: &str,
+    table: &str,
+    key: &str,
+    columns: &str,
+    select: &str,
+) -> Result<(), RebuildError> {
+    let mut tx = fresh.begin().await?;
+    // The narrow sort fits in memory; the staged rows themselves are read once.
+    sqlx::query("SET LOCAL work_mem = '256MB'")
         .execute(&mut *tx)
         .await?;
-        sqlx::query(&format!("DROP TABLE stage_{table}"))
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        sqlx::query(&format!("ANALYZE {table}"))
-            .execute(fresh)
-            .await?;
+    // Loaded first, indexed after: one sort per index instead of a B-tree insert per row.
+    let indexes = drop_indexes(&mut tx, schema, table).await?;
+    // A customer's deletion sticks whatever outranks it (`deleted` is an OR over them all).
+    let deleted = if table == "customers" {
+        format!(", bool_or(deleted) OVER (PARTITION BY {key}) AS deleted")
+    } else {
+        String::new()
+    };
+    sqlx::query(&format!(
+        "INSERT INTO {table} ({columns})
+         SELECT {select}
+         FROM (SELECT DISTINCT ON ({key}) ctid AS row{deleted}
+               FROM stage_{table}
+               ORDER BY {key}, rank_created DESC, rank_type DESC, rank_status DESC, rank_event_id DESC) w
+         JOIN stage_{table} s ON s.ctid = w.row"
+    ))
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(&format!("DROP TABLE stage_{table}"))
+        .execute(&mut *tx)
+        .await?;
+    restore_indexes(&mut tx, schema, table, indexes).await?;
+    tx.commit().await?;
+    sqlx::query(&format!("ANALYZE {table}"))
+        .execute(fresh)
+        .await?;
+    Ok(())
+}
+
+/// An index of a fresh table, dropped for a bulk load and created again after it.
+#[derive(sqlx::FromRow)]
+struct IndexDefinition {
+    index: String,
+    /// The constraint the index enforces (a primary key), if any.
+    constraint: Option<String>,
+    /// `CREATE INDEX …`, or the constraint's definition (`PRIMARY KEY (…)`).
+    definition: String,
+}
+
+/// Drops every index of `schema.table` (a fresh, not yet visible table) and returns their
+/// definitions, whatever the migrations made them. Indexes a foreign key depends on stay.
+async fn drop_indexes(
+    tx: &mut Transaction<'_, Postgres>,
+    schema: &str,
+    table: &str,
+) -> Result<Vec<IndexDefinition>, RebuildError> {
+    let indexes: Vec<IndexDefinition> = sqlx::query_as(
+        "SELECT ci.relname::text AS index, c.conname::text AS constraint,
+                CASE WHEN c.conname IS NULL THEN pg_get_indexdef(i.indexrelid)
+                     ELSE pg_get_constraintdef(c.oid) END AS definition
+         FROM pg_index i
+         JOIN pg_class ci ON ci.oid = i.indexrelid
+         LEFT JOIN pg_constraint c ON c.conindid = i.indexrelid AND c.conrelid = i.indrelid
+         WHERE i.indrelid = to_regclass($1)
+           AND NOT EXISTS (SELECT 1 FROM pg_constraint f WHERE f.contype = 'f' AND f.conindid = i.indexrelid)
+         ORDER BY ci.relname",
+    )
+    .bind(format!("{schema}.{table}"))
+    .fetch_all(&mut **tx)
+    .await?;
+    for index in &indexes {
+        let statement = match &index.constraint {
+            Some(constraint) => {
+                format!("ALTER TABLE {schema}.{table} DROP CONSTRAINT {constraint}")
+            }
+            None => format!("DROP INDEX {schema}.{}", index.index),
+        };
+        sqlx::query(&statement).execute(&mut **tx).await?;
+    }
+    Ok(indexes)
+}
+
+async fn restore_indexes(
+    tx: &mut Transaction<'_, Postgres>,
+    schema: &str,
+    table: &str,
+    indexes: Vec<IndexDefinition>,
+) -> Result<(), RebuildError> {
+    sqlx::query("SET LOCAL maintenance_work_mem = '128MB'")
+        .execute(&mut **tx)
+        .await?;
+    for index in indexes {
+        let statement = match &index.constraint {
+            Some(constraint) => format!(
+                "ALTER TABLE {schema}.{table} ADD CONSTRAINT {constraint} {}",
+                index.definition
+            ),
+            None => index.definition,
+        };
+        sqlx::query(&statement).execute(&mut **tx).await?;
     }
     Ok(())
 }
@@ -624,19 +766,32 @@ const CUSTOMER_KEYS: &str = "SELECT account, id AS customer FROM customers
      UNION SELECT account, customer FROM checkout_sessions WHERE customer IS NOT NULL
      UNION SELECT account, customer FROM entitlement_summaries";
 
+/// Chunks of customers derived at a time, each on its own connection.
+const DERIVERS: usize = 2;
+
 /// Derives every customer's entitlement object from the folded tables, a chunk of customers per
 /// round trip, with the same state loading and the same `compute` as live batches. Versions are
-/// 0 here: [`super::diff`] carries them over from live.
+/// 0 here: [`super::diff`] carries them over from live. One connection reads the customers'
+/// keys from a cursor, [`DERIVERS`] others derive and COPY chunks of them; the entitlements'
+/// indexes are built after.
 async fn derive_entitlements(
     fresh: &PgPool,
+    schema: &str,
     policy: &EntitlementPolicy,
 ) -> Result<(), RebuildError> {
+    // Committed on its own: dropping an index locks the table until the end of the
+    // transaction, and the derivers write it from other connections.
+    let mut tx = fresh.begin().await?;
+    let indexes = drop_indexes(&mut tx, schema, "entitlements").await?;
+    tx.commit().await?;
     let mut tx = fresh.begin().await?;
     sqlx::query(&format!(
         "DECLARE customer_keys NO SCROLL CURSOR FOR {CUSTOMER_KEYS}"
     ))
     .execute(&mut *tx)
     .await?;
+    let policy = Arc::new(policy.clone());
+    let mut chunks: JoinSet<Result<(), RebuildError>> = JoinSet::new();
     loop {
         let rows = sqlx::query(&format!("FETCH {DERIVE_CHUNK} FROM customer_keys"))
             .fetch_all(&mut *tx)
@@ -653,34 +808,57 @@ async fn derive_entitlements(
                 })
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()?;
-        let states = store::load_states(&mut tx, &keys).await?;
-        let mut text = CopyText::default();
-        for (key, state) in &states {
-            let view = compute(state, policy);
-            let json = serde_json::to_string(&view)?;
-            text.text(&key.account)
-                .text(&key.customer)
-                .bool(view.livemode)
-                .opt_text(view.client_reference_id.as_deref())
-                .text(&text_array(&view.features))
-                .int(0)
-                .text(&json)
-                .text(&view.updated_at());
-            text.text.push('\n');
-            text.in_row = false;
-            text.rows += 1;
+        while chunks.len() >= DERIVERS {
+            if let Some(derived) = chunks.join_next().await {
+                derived.map_err(join_error)??;
+            }
         }
-        let mut copy = tx
-            .copy_in_raw(
-                "COPY entitlements (account, customer, livemode, client_reference_id, features, version, view, updated_at) FROM STDIN",
-            )
-            .await?;
-        copy.send(text.text.into_bytes()).await?;
-        copy.finish().await?;
+        chunks.spawn(derive_chunk(fresh.clone(), Arc::clone(&policy), keys));
+    }
+    while let Some(derived) = chunks.join_next().await {
+        derived.map_err(join_error)??;
     }
     sqlx::query("CLOSE customer_keys").execute(&mut *tx).await?;
     tx.commit().await?;
+    let mut tx = fresh.begin().await?;
+    restore_indexes(&mut tx, schema, "entitlements", indexes).await?;
+    tx.commit().await?;
     sqlx::query("ANALYZE entitlements").execute(fresh).await?;
+    Ok(())
+}
+
+/// One chunk of customers: their states loaded, their entitlements computed and COPYed.
+async fn derive_chunk(
+    fresh: PgPool,
+    policy: Arc<EntitlementPolicy>,
+    keys: Vec<CustomerKey>,
+) -> Result<(), RebuildError> {
+    let mut tx = fresh.begin().await?;
+    let states = store::load_states(&mut tx, &keys).await?;
+    let mut text = CopyText::default();
+    for (key, state) in &states {
+        let view = compute(state, &policy);
+        let json = serde_json::to_string(&view)?;
+        text.text(&key.account)
+            .text(&key.customer)
+            .bool(view.livemode)
+            .opt_text(view.client_reference_id.as_deref())
+            .text(&text_array(&view.features))
+            .int(0)
+            .text(&json)
+            .text(&view.updated_at());
+        text.text.push('\n');
+        text.in_row = false;
+        text.rows += 1;
+    }
+    let mut copy = tx
+        .copy_in_raw(
+            "COPY entitlements (account, customer, livemode, client_reference_id, features, version, view, updated_at) FROM STDIN",
+        )
+        .await?;
+    copy.send(text.text.into_bytes()).await?;
+    copy.finish().await?;
+    tx.commit().await?;
     Ok(())
 }
 
@@ -736,8 +914,7 @@ pub(super) async fn catch_up(
 
 /// The customer a record's event concerns, when it projects to a snapshot of one.
 fn customer_of(record: &InputRecord) -> Option<CustomerKey> {
-    let envelope = EventEnvelope::parse(record.payload.as_deref()?).ok()?;
-    let event = project(&envelope).ok()?;
+    let event = project_payload(record.payload.as_deref()?).ok()?;
     event.snapshot.as_ref()?;
     Some(CustomerKey {
         account: event.account,
