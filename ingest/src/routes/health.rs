@@ -23,6 +23,6 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
+        .content_type(shared::metrics::CONTENT_TYPE)
         .body(state.metrics.render(state.log.queue_len()))
 }
