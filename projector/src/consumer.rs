@@ -139,9 +139,10 @@ pub fn create_consumer(
         // librdkafka fills its prefetch queue per partition, so the defaults (100,000 records)
         // and 128 MiB here let a catch-up hold most of the log in memory: peak RSS grew with
         // the log, 160 MiB at 100k events, 275 MiB at 200k. Bounded per partition instead:
-        // still seconds of records at catch-up speed (BENCHMARKS.md, "Catch-up").
-        .set("queued.min.messages", "20000")
-        .set("queued.max.messages.kbytes", "16384")
+        // with six partitions still more than the batch being read ahead (BENCHMARKS.md,
+        // "Catch-up"), which holds the records the prefetch would otherwise keep.
+        .set("queued.min.messages", "10000")
+        .set("queued.max.messages.kbytes", "8192")
         .create_with_context(context)
 }
 
@@ -364,6 +365,7 @@ impl ConsumeLoop {
         let mut sought: Vec<(u64, i32)> = Vec::new();
         loop {
             let batch = tokio::select! {
+                biased;
                 _ = shutdown.wait_for(|stop| *stop) => break,
                 batch = fetched.recv() => batch,
             };
@@ -620,6 +622,18 @@ pub async fn watch_lag(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seek_requests_are_numbered_and_the_latest_per_partition_is_made() {
+        let seeks = SeekRequests::default();
+        assert_eq!(seeks.take(), (0, vec![]));
+        assert_eq!(seeks.request(1, 10), 1);
+        assert_eq!(seeks.request(2, 5), 2);
+        assert_eq!(seeks.request(1, 7), 3);
+        // A batch read after this take was read after requests 1..=3.
+        assert_eq!(seeks.take(), (3, vec![(2, 5), (1, 7)]));
+        assert_eq!(seeks.take(), (3, vec![]));
+    }
 
     #[test]
     fn a_gap_wholly_below_the_low_watermark_is_accepted() {
