@@ -143,7 +143,7 @@ pub async fn apply_batch<R: BatchRecord>(
     let mut dead: Vec<DeadLetter<'_>> = Vec::new();
     for record in &records {
         match record.decoded().into_owned() {
-            Decoded::Event(event) => projected.push(event),
+            Decoded::Event(event) => projected.push(*event),
             Decoded::Rejected(rejection) => dead.push(DeadLetter {
                 record: record.record(),
                 event_id: rejection.event_id,

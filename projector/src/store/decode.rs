@@ -23,7 +23,7 @@ pub struct InputRecord {
 /// What a record decodes to.
 #[derive(Debug, Clone)]
 pub enum Decoded {
-    Event(ProjectedEvent),
+    Event(Box<ProjectedEvent>),
     /// The record becomes a dead letter: it would fail the same way on every retry.
     Rejected(Rejection),
 }
@@ -104,7 +104,7 @@ pub fn decode(record: &InputRecord) -> Decoded {
             message: e.to_string(),
         }),
         Ok(envelope) => match project(&envelope) {
-            Ok(event) => Decoded::Event(event),
+            Ok(event) => Decoded::Event(Box::new(event)),
             Err(e) => Decoded::Rejected(Rejection {
                 event_id: Some(envelope.id.to_owned()),
                 event_type: Some(envelope.event_type.to_owned()),
@@ -137,7 +137,10 @@ mod tests {
     #[test]
     fn records_that_cannot_be_projected_name_their_reason() {
         assert_eq!(reason(decode(&record(None))), "empty_record");
-        assert_eq!(reason(decode(&record(Some(b"{not json")))), "invalid_envelope");
+        assert_eq!(
+            reason(decode(&record(Some(b"{not json")))),
+            "invalid_envelope"
+        );
     }
 
     #[test]

@@ -194,17 +194,17 @@ pub(super) async fn load_snapshots(
         let snapshot = match &row.snapshot {
             // What was stored parsed once already; a failure here means the code changed
             // under stored data, which must stop the projector rather than be skipped.
-            Some(Json(raw)) => Snapshot::parse(*kind, &row.event_type, raw, row.livemode)
-                .map_err(|reason| {
+            Some(Json(raw)) => {
+                Snapshot::parse(*kind, &row.event_type, raw, row.livemode).map_err(|reason| {
                     sqlx::Error::Decode(format!("stored {table} snapshot: {reason}").into())
-                })?,
+                })?
+            }
             None => from_memory
                 .get(&(*kind, key.account.as_str(), row.id.as_str()))
                 .map(|snapshot| (*snapshot).clone())
                 .ok_or_else(|| {
                     sqlx::Error::Decode(
-                        format!("{table} {} won its upsert but is not in the batch", row.id)
-                            .into(),
+                        format!("{table} {} won its upsert but is not in the batch", row.id).into(),
                     )
                 })?,
         };

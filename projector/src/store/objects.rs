@@ -263,7 +263,9 @@ pub(super) async fn upsert_objects(
                 sessions.payment_status.push(&s.payment_status);
                 sessions.subscription.push(s.subscription.as_deref());
                 sessions.metadata_price.push(s.metadata_price.as_deref());
-                sessions.metadata_product.push(s.metadata_product.as_deref());
+                sessions
+                    .metadata_product
+                    .push(s.metadata_product.as_deref());
             }
             Snapshot::EntitlementSummary(s) => summaries.push(SummaryRow {
                 event,

@@ -5,8 +5,8 @@ use shared::EventEnvelope;
 use sqlx::PgPool;
 
 use super::dead_letters::{write_dead_letters, DeadLetter};
-use super::offsets::{advance_offsets, lock_offsets};
 use super::error::DataError;
+use super::offsets::{advance_offsets, lock_offsets};
 use super::text::storable_json;
 use super::{BatchContext, BatchMode, BatchOutcome, InputRecord, REBUILD_LOCK};
 
