@@ -139,10 +139,10 @@ pub fn create_consumer(
         // librdkafka fills its prefetch queue per partition, so the defaults (100,000 records)
         // and 128 MiB here let a catch-up hold most of the log in memory: peak RSS grew with
         // the log, 160 MiB at 100k events, 275 MiB at 200k. Bounded per partition instead:
-        // with six partitions still more than the batch being read ahead (BENCHMARKS.md,
-        // "Catch-up"), which holds the records the prefetch would otherwise keep.
-        .set("queued.min.messages", "10000")
-        .set("queued.max.messages.kbytes", "8192")
+        // 2 MiB per partition: the fetcher's batch read ahead holds what the prefetch used to,
+        // and 8 MiB cost 66 MiB more peak RSS at the same rate (BENCHMARKS.md, "Catch-up").
+        .set("queued.min.messages", "2000")
+        .set("queued.max.messages.kbytes", "2048")
         .create_with_context(context)
 }
 
