@@ -34,7 +34,8 @@ pub struct Config {
     pub api_token: Option<SecretString>,
     /// `PROJECTOR_GROUP`: the Kafka consumer group.
     pub group_id: String,
-    /// `BATCH_MAX_EVENTS`: most records applied in one transaction.
+    /// `BATCH_MAX_EVENTS`: most records applied in one transaction (default 5000: a batch's
+    /// fixed costs, its round trips and commit, spread over more events; BENCHMARKS.md).
     pub batch_max_events: usize,
     /// `BATCH_LINGER_MS`: how long a batch waits for more records after its first, ms.
     pub batch_linger: Duration,
@@ -106,7 +107,7 @@ impl Config {
             }
         };
 
-        let batch_max_events: usize = num(get("BATCH_MAX_EVENTS"), "BATCH_MAX_EVENTS", 2000)?;
+        let batch_max_events: usize = num(get("BATCH_MAX_EVENTS"), "BATCH_MAX_EVENTS", 5000)?;
         if !(1..=50_000).contains(&batch_max_events) {
             return Err(err("BATCH_MAX_EVENTS", "must be between 1 and 50000"));
         }
@@ -203,6 +204,8 @@ mod tests {
         assert_eq!(c.dlq_topic, "stripe.events.dlq");
         assert!(c.api_token.is_some());
         assert_eq!(c.dedupe_window, Duration::from_secs(259_200));
+        assert_eq!(c.batch_max_events, 5000);
+        assert_eq!(c.batch_linger, Duration::from_millis(20));
     }
 
     #[test]

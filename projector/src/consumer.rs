@@ -1,10 +1,18 @@
 //! The consume loop: batches of records from `stripe.events` → one transaction each. Offsets
 //! follow the data: Postgres holds them; Kafka's commit (after the database commit) only shows
 //! lag to Kafka tooling.
+//!
+//! Pipelined, one batch ahead: a fetcher task reads and decodes the next batch while the
+//! current one's transaction runs, and waits for that batch to be taken before it reads
+//! another. Seeks (after a gap) are made by the fetcher between two batches, so every batch is
+//! wholly read before or wholly after a seek, and the loop drops what a batch read before a
+//! seek holds of the partition it moved.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tracing::Instrument;
 
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{
@@ -14,13 +22,13 @@ use rdkafka::message::Message;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch, Notify};
 
 use crate::config::Config;
 use crate::isolation::apply_isolating;
 use crate::metrics::Metrics;
 use crate::projection::EntitlementPolicy;
-use crate::store::{BatchContext, BatchMode, BatchOutcome, InputRecord};
+use crate::store::{self, BatchContext, BatchMode, BatchOutcome, DecodedRecord, InputRecord};
 
 /// The consumer of the raw log, whose context seeks every assigned partition to the offset
 /// Postgres holds for it.
@@ -131,9 +139,10 @@ pub fn create_consumer(
         // librdkafka fills its prefetch queue per partition, so the defaults (100,000 records)
         // and 128 MiB here let a catch-up hold most of the log in memory: peak RSS grew with
         // the log, 160 MiB at 100k events, 275 MiB at 200k. Bounded per partition instead:
-        // still seconds of records at catch-up speed (BENCHMARKS.md, "Catch-up").
-        .set("queued.min.messages", "20000")
-        .set("queued.max.messages.kbytes", "16384")
+        // 2 MiB per partition: the fetcher's batch read ahead holds what the prefetch used to,
+        // and 8 MiB cost 66 MiB more peak RSS at the same rate (BENCHMARKS.md, "Catch-up").
+        .set("queued.min.messages", "2000")
+        .set("queued.max.messages.kbytes", "2048")
         .create_with_context(context)
 }
 
@@ -210,6 +219,127 @@ pub fn on_gap(stored_next: i64, first_consumed: i64, low_watermark: i64) -> GapA
     }
 }
 
+/// Seeks the loop asks for, made by the fetcher before it reads its next batch.
+#[derive(Default)]
+struct SeekRequests {
+    /// The number of requests so far, and those not yet made (one per partition).
+    pending: Mutex<(u64, Vec<(i32, i64)>)>,
+    /// Wakes a fetcher waiting for records, so a seek is never held up by an idle log.
+    wake: Notify,
+}
+
+impl SeekRequests {
+    /// Asks for `partition` to be read again from `offset`; returns the request's number.
+    fn request(&self, partition: i32, offset: i64) -> u64 {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.0 += 1;
+        pending.1.retain(|(p, _)| *p != partition);
+        pending.1.push((partition, offset));
+        self.wake.notify_one();
+        pending.0
+    }
+
+    /// The requests not yet made, and the number of the last request they include.
+    fn take(&self) -> (u64, Vec<(i32, i64)>) {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        (pending.0, std::mem::take(&mut pending.1))
+    }
+}
+
+/// A batch read and decoded ahead.
+struct Fetched {
+    records: Vec<DecodedRecord>,
+    /// Every seek request up to this number was made before the batch was read.
+    seeks_made: u64,
+}
+
+/// Reads and decodes batches ahead of the loop: at most one batch waits to be applied.
+struct Fetcher {
+    config: Arc<Config>,
+    consumer: Arc<LogConsumer>,
+    seeks: Arc<SeekRequests>,
+}
+
+impl Fetcher {
+    async fn run(self, batches: mpsc::Sender<Fetched>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            // The slot first: a batch is read only when the previous one has been taken.
+            let permit = tokio::select! {
+                _ = shutdown.wait_for(|stop| *stop) => return,
+                permit = batches.reserve() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => return,
+                },
+            };
+            let (seeks_made, seeks) = self.seeks.take();
+            for (partition, offset) in seeks {
+                if let Err(e) = self.consumer.seek(
+                    &self.config.events_topic,
+                    partition,
+                    Offset::Offset(offset),
+                    Duration::from_secs(5),
+                ) {
+                    tracing::warn!(partition, error = %e, "seek failed; the records will be re-checked");
+                }
+            }
+            let Some(records) = self.next_batch(&mut shutdown).await else {
+                return;
+            };
+            // Parsing is CPU work: off the runtime's workers, which serve the transaction.
+            let records = match tokio::task::spawn_blocking(move || {
+                records.into_iter().map(DecodedRecord::new).collect()
+            })
+            .await
+            {
+                Ok(records) => records,
+                Err(e) => {
+                    tracing::error!(error = %e, "decoding a batch failed");
+                    return;
+                }
+            };
+            permit.send(Fetched {
+                records,
+                seeks_made,
+            });
+        }
+    }
+
+    /// Up to `batch_max_events` records: waits for the first, then at most `batch_linger` for
+    /// more; returns early when a seek is requested. `None` on shutdown.
+    async fn next_batch(&self, shutdown: &mut watch::Receiver<bool>) -> Option<Vec<InputRecord>> {
+        let first = tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => return None,
+            _ = self.seeks.wake.notified() => return Some(Vec::new()),
+            message = self.consumer.recv() => message,
+        };
+        let mut records = Vec::with_capacity(self.config.batch_max_events);
+        match first {
+            Ok(m) => records.push(to_record(&m)),
+            Err(e) => {
+                tracing::warn!(error = %e, "consume error");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return Some(records);
+            }
+        }
+        let deadline = tokio::time::Instant::now() + self.config.batch_linger;
+        while records.len() < self.config.batch_max_events {
+            let message = tokio::select! {
+                _ = self.seeks.wake.notified() => break,
+                message = tokio::time::timeout_at(deadline, self.consumer.recv()) => message,
+            };
+            match message {
+                Err(_) => break,
+                Ok(Ok(m)) => records.push(to_record(&m)),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "consume error");
+                    break;
+                }
+            }
+        }
+        Some(records)
+    }
+}
+
 impl ConsumeLoop {
     /// Runs until `shutdown` turns true; a batch in flight is finished first.
     pub async fn run(
@@ -219,33 +349,84 @@ impl ConsumeLoop {
         self.consumer.subscribe(&[&self.config.events_topic])?;
         let mut policy = LivePolicy::new(&self.config);
         tracing::info!(topic = %self.config.events_topic, group = %self.config.group_id, "consuming");
+        // Batches get a connection of their own: a connection keeps its buffers at the size of
+        // the largest message it carried (megabytes for a batch of 5,000 snapshots), and the
+        // shared pool hands out each of its connections in turn, so every one of them grew to
+        // that size (peak RSS 379 MiB at 1M events instead of a batch's worth).
+        let batches_pool = match store::connect(&self.config.database_url, 1).await {
+            Ok(pool) => pool,
+            Err(e) => {
+                tracing::warn!(error = %e, "no connection of its own for batches; sharing the pool");
+                self.pool.clone()
+            }
+        };
+        let seeks = Arc::new(SeekRequests::default());
+        let (batches, mut fetched) = mpsc::channel::<Fetched>(1);
+        let fetcher = Fetcher {
+            config: self.config.clone(),
+            consumer: self.consumer.clone(),
+            seeks: seeks.clone(),
+        };
+        let fetcher = tokio::spawn(
+            fetcher
+                .run(batches, shutdown.clone())
+                .instrument(tracing::info_span!("fetcher")),
+        );
+        // Seeks requested and not known to be made before the batch at hand was read.
+        let mut sought: Vec<(u64, i32)> = Vec::new();
         loop {
-            let Some(records) = self.next_batch(&mut shutdown).await else {
+            let batch = tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|stop| *stop) => break,
+                batch = fetched.recv() => batch,
+            };
+            let Some(Fetched {
+                mut records,
+                seeks_made,
+            }) = batch
+            else {
                 break;
             };
+            sought.retain(|(request, _)| *request > seeks_made);
+            if !sought.is_empty() {
+                // Read before the seek: the partition is read again from where it was sought.
+                records.retain(|r| !sought.iter().any(|(_, p)| *p == r.partition));
+            }
             if records.is_empty() {
                 continue;
             }
             policy.refresh();
             let started = Instant::now();
             let Some(mut outcome) = self
-                .apply(&records, &HashSet::new(), &policy.policy, &mut shutdown)
+                .apply(
+                    &batches_pool,
+                    &records,
+                    &HashSet::new(),
+                    &policy.policy,
+                    &mut shutdown,
+                )
                 .await
             else {
                 break;
             };
             let gaps = std::mem::take(&mut outcome.gaps);
-            let accepted = self.handle_gaps(&records, &gaps).await;
+            let accepted = self.handle_gaps(&records, &gaps, &seeks, &mut sought).await;
             if !accepted.is_empty() {
                 // The records of an accepted gap's partition were not applied above: apply them
                 // now, before anything later of that partition is read.
-                let again: Vec<InputRecord> = records
+                let again: Vec<DecodedRecord> = records
                     .iter()
                     .filter(|r| accepted.contains(&r.partition))
                     .cloned()
                     .collect();
                 let Some(rest) = self
-                    .apply(&again, &accepted, &policy.policy, &mut shutdown)
+                    .apply(
+                        &batches_pool,
+                        &again,
+                        &accepted,
+                        &policy.policy,
+                        &mut shutdown,
+                    )
                     .await
                 else {
                     break;
@@ -264,43 +445,16 @@ impl ConsumeLoop {
             self.record(&outcome);
             self.commit_to_kafka(&outcome);
         }
+        drop(fetched);
+        fetcher.abort();
         tracing::info!("consumer stopped");
         Ok(())
     }
 
-    /// Up to `batch_max_events` records: waits for the first, then at most `batch_linger` for
-    /// more. `None` on shutdown.
-    async fn next_batch(&self, shutdown: &mut watch::Receiver<bool>) -> Option<Vec<InputRecord>> {
-        let first = tokio::select! {
-            _ = shutdown.changed() => return None,
-            message = self.consumer.recv() => message,
-        };
-        let mut records = Vec::with_capacity(self.config.batch_max_events);
-        match first {
-            Ok(m) => records.push(to_record(&m)),
-            Err(e) => {
-                tracing::warn!(error = %e, "consume error");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                return Some(records);
-            }
-        }
-        let deadline = tokio::time::Instant::now() + self.config.batch_linger;
-        while records.len() < self.config.batch_max_events {
-            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
-                Err(_) => break,
-                Ok(Ok(m)) => records.push(to_record(&m)),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "consume error");
-                    break;
-                }
-            }
-        }
-        Some(records)
-    }
-
     async fn apply(
         &self,
-        records: &[InputRecord],
+        pool: &PgPool,
+        records: &[DecodedRecord],
         accept_gaps: &HashSet<i32>,
         policy: &EntitlementPolicy,
         shutdown: &mut watch::Receiver<bool>,
@@ -313,12 +467,18 @@ impl ConsumeLoop {
             mode: BatchMode::Live,
             accept_gaps,
         };
-        apply_isolating(&self.pool, &ctx, records, &self.metrics, shutdown).await
+        apply_isolating(pool, &ctx, records, &self.metrics, shutdown).await
     }
 
     /// Seeks back where records were skipped, and returns the partitions whose gap lies wholly
     /// below the log's start (to be accepted).
-    async fn handle_gaps(&self, records: &[InputRecord], gaps: &[(i32, i64)]) -> HashSet<i32> {
+    async fn handle_gaps(
+        &self,
+        records: &[DecodedRecord],
+        gaps: &[(i32, i64)],
+        seeks: &SeekRequests,
+        sought: &mut Vec<(u64, i32)>,
+    ) -> HashSet<i32> {
         let mut accepted = HashSet::new();
         for &(partition, stored_next) in gaps {
             let Some(first_consumed) = records
@@ -353,14 +513,7 @@ impl ConsumeLoop {
                         seek_to = offset,
                         "records ahead of the stored offset; seeking back"
                     );
-                    if let Err(e) = self.consumer.seek(
-                        &self.config.events_topic,
-                        partition,
-                        Offset::Offset(offset),
-                        Duration::from_secs(5),
-                    ) {
-                        tracing::warn!(partition, error = %e, "seek failed; the records will be re-checked");
-                    }
+                    sought.push((seeks.request(partition, offset), partition));
                 }
             }
         }
@@ -493,6 +646,18 @@ pub async fn watch_lag(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seek_requests_are_numbered_and_the_latest_per_partition_is_made() {
+        let seeks = SeekRequests::default();
+        assert_eq!(seeks.take(), (0, vec![]));
+        assert_eq!(seeks.request(1, 10), 1);
+        assert_eq!(seeks.request(2, 5), 2);
+        assert_eq!(seeks.request(1, 7), 3);
+        // A batch read after this take was read after requests 1..=3.
+        assert_eq!(seeks.take(), (3, vec![(2, 5), (1, 7)]));
+        assert_eq!(seeks.take(), (3, vec![]));
+    }
 
     #[test]
     fn a_gap_wholly_below_the_low_watermark_is_accepted() {

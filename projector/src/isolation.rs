@@ -10,7 +10,9 @@ use tracing::Instrument;
 
 use crate::metrics::Metrics;
 use crate::store::error::{classify, DataError, Failure};
-use crate::store::{apply_batch, dead_letter_rejected, BatchContext, BatchOutcome, InputRecord};
+use crate::store::{
+    apply_batch, dead_letter_rejected, BatchContext, BatchOutcome, DecodedRecord, InputRecord,
+};
 
 /// Retries of a failing transaction back off up to this.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -26,13 +28,13 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 pub async fn apply_isolating(
     pool: &PgPool,
     ctx: &BatchContext<'_>,
-    records: &[InputRecord],
+    records: &[DecodedRecord],
     metrics: &Metrics,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Option<BatchOutcome> {
     let mut total = BatchOutcome::default();
     // Slices still to apply, the next one last.
-    let mut pending: Vec<&[InputRecord]> = vec![records];
+    let mut pending: Vec<&[DecodedRecord]> = vec![records];
     let mut backoff = FIRST_BACKOFF;
     while let Some(slice) = pending.pop() {
         if slice.is_empty() {

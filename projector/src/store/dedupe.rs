@@ -1,4 +1,5 @@
-//! The event-id dedupe table, bounded: ids older than the redelivery window are deleted.
+//! `processed_events`, the event-id dedupe table, bounded: ids older than the redelivery
+//! window are deleted.
 //!
 //! Forgetting an id is safe because dedupe is only the first guard. An event applied again
 //! after its id was pruned carries the same rank as the snapshot it put in place (or a lower
@@ -6,9 +7,29 @@
 //! rank, so re-applying it changes no row, and the recomputed entitlements equal the stored
 //! ones, so no change message is written.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, Transaction};
+
+/// Records `ids` as applied; returns those that were not already (the batch applies only
+/// these). The ids of one batch are distinct.
+pub(super) async fn claim_fresh(
+    tx: &mut Transaction<'_, Postgres>,
+    ids: &[&str],
+) -> Result<HashSet<String>, sqlx::Error> {
+    if ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let fresh: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO processed_events (event_id) SELECT * FROM UNNEST($1::text[])
+         ON CONFLICT DO NOTHING RETURNING event_id",
+    )
+    .bind(ids)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(fresh.into_iter().collect())
+}
 
 /// Deletes up to `limit` ids processed more than `window` ago, oldest first; returns how many.
 /// `SKIP LOCKED` lets several instances prune at once without waiting on one another.

@@ -1,14 +1,22 @@
-//! Loads the current snapshots of customers into the pure `CustomerState`.
+//! Loads the current snapshots of customers into the pure `CustomerState`, in one query over
+//! the projection tables that decide entitlements.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde_json::value::RawValue;
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::types::Json;
+use sqlx::{Postgres, Transaction};
 
-use crate::projection::{CustomerKey, CustomerState, ObjectKind, Rank, Snapshot};
+use crate::projection::{
+    CustomerKey, CustomerState, ObjectKey, ObjectKind, ProjectedEvent, Rank, Snapshot,
+};
+
+use super::objects::Won;
 
 /// Every table that holds a snapshot belonging to a customer, with the column naming the
-/// customer. Invoices do not decide entitlements; see below.
+/// customer; a row's `source` is its index here. Invoices do not decide entitlements, so they
+/// are not loaded: they count only towards `last_event_created`, which the live batch reads
+/// from the customer's entitlements row (see `entitlements.rs`) and [`load_states`] aggregates.
 const SOURCES: &[(ObjectKind, &str, &str)] = &[
     (ObjectKind::Customer, "customers", "id"),
     (ObjectKind::Subscription, "subscriptions", "customer"),
@@ -20,85 +28,87 @@ const SOURCES: &[(ObjectKind, &str, &str)] = &[
     ),
 ];
 
+/// One stored snapshot of a customer.
+#[derive(sqlx::FromRow)]
+struct StoredSnapshot {
+    /// Index into [`SOURCES`].
+    source: i16,
+    account: String,
+    customer: String,
+    id: String,
+    event_type: String,
+    livemode: bool,
+    rank_created: i64,
+    rank_type: i16,
+    rank_status: i16,
+    rank_event_id: String,
+    deleted: bool,
+    /// `NULL` when the row holds the snapshot the batch just wrote (taken from memory).
+    snapshot: Option<Json<Box<RawValue>>>,
+}
+
+/// The query over every source: `$1`/`$2` the customers, `$3..$5` the won objects (source,
+/// account, id) whose snapshot is not sent back.
+fn load_sql() -> String {
+    let branches: Vec<String> = SOURCES
+        .iter()
+        .enumerate()
+        .map(|(source, (kind, table, customer_column))| {
+            let (id, deleted) = match kind {
+                ObjectKind::Customer => ("t.id", "t.deleted"),
+                ObjectKind::EntitlementSummary => ("t.customer", "false"),
+                _ => ("t.id", "false"),
+            };
+            format!(
+                "SELECT {source}::int2 AS source, t.account, t.{customer_column} AS customer, {id} AS id,
+                        t.event_type, t.livemode, t.rank_created, t.rank_type, t.rank_status, t.rank_event_id,
+                        {deleted} AS deleted,
+                        CASE WHEN (t.account, {id}) IN (SELECT w.account, w.id FROM won w WHERE w.source = {source})
+                             THEN NULL ELSE t.snapshot END AS snapshot
+                 FROM {table} t JOIN k ON t.account = k.account AND t.{customer_column} = k.customer"
+            )
+        })
+        .collect();
+    format!(
+        "WITH k AS MATERIALIZED (SELECT * FROM UNNEST($1::text[], $2::text[]) AS k(account, customer)),
+              won AS MATERIALIZED (SELECT * FROM UNNEST($3::int2[], $4::text[], $5::text[]) AS w(source, account, id))
+         {}",
+        branches.join("\n UNION ALL ")
+    )
+}
+
 /// The state of each customer in `keys`, built from the stored snapshots (re-parsed with the
-/// same code that parsed the events, so stored and in-memory state cannot drift apart).
+/// same code that parsed the events, so stored and in-memory state cannot drift apart),
+/// including the newest `created` of their invoices. For the rebuild's derivation.
 pub async fn load_states(
     tx: &mut Transaction<'_, Postgres>,
     keys: &[CustomerKey],
 ) -> Result<BTreeMap<CustomerKey, CustomerState>, sqlx::Error> {
-    let accounts: Vec<&str> = keys.iter().map(|k| k.account.as_str()).collect();
-    let customers: Vec<&str> = keys.iter().map(|k| k.customer.as_str()).collect();
-    let mut states: BTreeMap<CustomerKey, CustomerState> = keys
-        .iter()
-        .map(|k| {
-            (
-                k.clone(),
-                CustomerState::new(k.account.clone(), k.customer.clone()),
-            )
-        })
-        .collect();
-    for (kind, table, customer_column) in SOURCES {
-        let deleted = if *kind == ObjectKind::Customer {
-            "deleted"
-        } else {
-            "false"
-        };
-        let sql = format!(
-            "SELECT t.account, t.{customer_column} AS customer, t.event_type, t.livemode, t.snapshot::text AS snapshot,
-                    t.rank_created, t.rank_type, t.rank_status, t.rank_event_id, {deleted} AS deleted
-             FROM {table} t
-             JOIN UNNEST($1::text[], $2::text[]) AS k(account, customer)
-               ON t.account = k.account AND t.{customer_column} = k.customer"
-        );
-        let rows = sqlx::query(&sql)
-            .bind(&accounts)
-            .bind(&customers)
-            .fetch_all(&mut **tx)
-            .await?;
-        for row in rows {
-            let key = CustomerKey {
-                account: row.try_get("account")?,
-                customer: row.try_get("customer")?,
-            };
-            let Some(state) = states.get_mut(&key) else {
-                continue;
-            };
-            let event_type: String = row.try_get("event_type")?;
-            let text: String = row.try_get("snapshot")?;
-            let rank = Rank {
-                created: row.try_get("rank_created")?,
-                type_rank: row.try_get("rank_type")?,
-                status_rank: row.try_get("rank_status")?,
-                event_id: row.try_get("rank_event_id")?,
-            };
-            let raw: Box<RawValue> =
-                serde_json::from_str(&text).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
-            // What was stored parsed once already; a failure here means the code changed
-            // under stored data, which must stop the projector rather than be skipped.
-            let snapshot = Snapshot::parse(*kind, &event_type, &raw, row.try_get("livemode")?)
-                .map_err(|reason| {
-                    sqlx::Error::Decode(format!("stored {table} snapshot: {reason}").into())
-                })?;
-            state.last_event_created = state.last_event_created.max(rank.created);
-            if row.try_get::<bool, _>("deleted")? {
-                state.deleted = true;
-            }
-            match snapshot {
-                Snapshot::Customer(s) => state.profile = Some((rank, s)),
-                Snapshot::Subscription(s) => {
-                    state.subscriptions.insert(s.id.clone(), (rank, s));
-                }
-                Snapshot::CheckoutSession(s) => {
-                    state.checkout_sessions.insert(s.id.clone(), (rank, s));
-                }
-                Snapshot::EntitlementSummary(s) => state.summary = Some((rank, s)),
-                Snapshot::Invoice(_) => {}
-            }
+    let mut states = load_snapshots(tx, keys, &Won::new(), &BTreeMap::new()).await?;
+    for (key, created) in newest_invoices(tx, keys).await? {
+        if let Some(state) = states.get_mut(&key) {
+            state.last_event_created = state.last_event_created.max(created);
         }
     }
-    // Invoices count towards the customer's latest event time (`updated_at`) but not their
-    // features, so only their newest `created` is read.
-    let rows = sqlx::query(
+    Ok(states)
+}
+
+/// The newest `created` of each customer's invoices: grows with a customer's history, so a
+/// live batch reads it only for customers without an entitlements row.
+#[derive(sqlx::FromRow)]
+struct NewestInvoice {
+    account: String,
+    customer: String,
+    created: i64,
+}
+
+async fn newest_invoices(
+    tx: &mut Transaction<'_, Postgres>,
+    keys: &[CustomerKey],
+) -> Result<Vec<(CustomerKey, i64)>, sqlx::Error> {
+    let accounts: Vec<&str> = keys.iter().map(|k| k.account.as_str()).collect();
+    let customers: Vec<&str> = keys.iter().map(|k| k.customer.as_str()).collect();
+    let rows: Vec<NewestInvoice> = sqlx::query_as(
         "SELECT t.account, t.customer, max(t.rank_created) AS created
          FROM invoices t
          JOIN UNNEST($1::text[], $2::text[]) AS k(account, customer)
@@ -109,15 +119,115 @@ pub async fn load_states(
     .bind(&customers)
     .fetch_all(&mut **tx)
     .await?;
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            (
+                CustomerKey {
+                    account: row.account,
+                    customer: row.customer,
+                },
+                row.created,
+            )
+        })
+        .collect())
+}
+
+/// The state of each customer in `keys` from the snapshot tables. The objects in `won` hold
+/// exactly the snapshot of their event in `objects` (the batch just wrote it), so that one is
+/// taken from memory instead of being sent back and parsed again: it was parsed from the same
+/// bytes by the same code.
+pub(super) async fn load_snapshots(
+    tx: &mut Transaction<'_, Postgres>,
+    keys: &[CustomerKey],
+    won: &Won,
+    objects: &BTreeMap<ObjectKey, ProjectedEvent>,
+) -> Result<BTreeMap<CustomerKey, CustomerState>, sqlx::Error> {
+    let accounts: Vec<&str> = keys.iter().map(|k| k.account.as_str()).collect();
+    let customers: Vec<&str> = keys.iter().map(|k| k.customer.as_str()).collect();
+    let mut won_source = Vec::new();
+    let mut won_account = Vec::new();
+    let mut won_id = Vec::new();
+    for key in won {
+        if let Some(source) = SOURCES.iter().position(|(kind, _, _)| *kind == key.kind) {
+            won_source.push(source as i16);
+            won_account.push(key.account.as_str());
+            won_id.push(key.id.as_str());
+        }
+    }
+    let mut states: BTreeMap<CustomerKey, CustomerState> = keys
+        .iter()
+        .map(|k| {
+            (
+                k.clone(),
+                CustomerState::new(k.account.clone(), k.customer.clone()),
+            )
+        })
+        .collect();
+    let rows: Vec<StoredSnapshot> = sqlx::query_as(&load_sql())
+        .bind(&accounts)
+        .bind(&customers)
+        .bind(&won_source)
+        .bind(&won_account)
+        .bind(&won_id)
+        .fetch_all(&mut **tx)
+        .await?;
+    let mut from_memory: HashMap<(ObjectKind, &str, &str), &Snapshot> = HashMap::new();
+    for (key, event) in objects {
+        if let Some(snapshot) = &event.snapshot {
+            from_memory.insert((key.kind, &key.account, &key.id), snapshot);
+        }
+    }
     for row in rows {
         let key = CustomerKey {
-            account: row.try_get("account")?,
-            customer: row.try_get("customer")?,
+            account: row.account,
+            customer: row.customer,
         };
-        if let Some(state) = states.get_mut(&key) {
-            state.last_event_created = state
-                .last_event_created
-                .max(row.try_get::<i64, _>("created")?);
+        let Some(state) = states.get_mut(&key) else {
+            continue;
+        };
+        let Some((kind, table, _)) = SOURCES.get(row.source as usize) else {
+            return Err(sqlx::Error::Decode(
+                format!("unknown snapshot source {}", row.source).into(),
+            ));
+        };
+        let snapshot = match &row.snapshot {
+            // What was stored parsed once already; a failure here means the code changed
+            // under stored data, which must stop the projector rather than be skipped.
+            Some(Json(raw)) => {
+                Snapshot::parse(*kind, &row.event_type, raw, row.livemode).map_err(|reason| {
+                    sqlx::Error::Decode(format!("stored {table} snapshot: {reason}").into())
+                })?
+            }
+            None => from_memory
+                .get(&(*kind, key.account.as_str(), row.id.as_str()))
+                .map(|snapshot| (*snapshot).clone())
+                .ok_or_else(|| {
+                    sqlx::Error::Decode(
+                        format!("{table} {} won its upsert but is not in the batch", row.id).into(),
+                    )
+                })?,
+        };
+        let rank = Rank {
+            created: row.rank_created,
+            type_rank: row.rank_type,
+            status_rank: row.rank_status,
+            event_id: row.rank_event_id,
+        };
+        state.last_event_created = state.last_event_created.max(rank.created);
+        if row.deleted {
+            state.deleted = true;
+        }
+        match snapshot {
+            Snapshot::Customer(s) => state.profile = Some((rank, s)),
+            Snapshot::Subscription(s) => {
+                state.subscriptions.insert(s.id.clone(), (rank, s));
+            }
+            Snapshot::CheckoutSession(s) => {
+                state.checkout_sessions.insert(s.id.clone(), (rank, s));
+            }
+            Snapshot::EntitlementSummary(s) => state.summary = Some((rank, s)),
+            Snapshot::Invoice(_) => {}
         }
     }
     Ok(states)

@@ -1,11 +1,32 @@
 //! Postgres: the projections, progress, dedupe, dead letters and the outbox. Only moves data;
 //! what the data means is decided in `projection`.
+//!
+//! Where each rule lives:
+//! - [`batch`]: one batch → one transaction, the order of its steps, and what each
+//!   [`BatchMode`] writes;
+//! - [`decode`]: a record's bytes → a projected event or a dead letter's reason (pure, so the
+//!   consumer runs it ahead of the transaction);
+//! - [`offsets`]: `consumer_offsets`, progress written with the data it covers;
+//! - [`dedupe`]: `processed_events`, event-id dedupe and its pruning window;
+//! - [`objects`]: the five projection tables, upserted under the rank guard;
+//! - [`load`]: stored snapshots → `CustomerState`;
+//! - [`entitlements`]: `entitlements`, recomputed per touched customer, versioned, announced;
+//! - [`outbox`] and [`dead_letters`]: rows for the relay and for redrive;
+//! - [`locks`]: every advisory lock; [`poison`]: a record Postgres refused; [`error`]: which
+//!   failures are retried; [`read`]: the read API's queries; [`text`]: what Postgres cannot
+//!   store.
 
 mod batch;
+mod dead_letters;
+mod decode;
 mod dedupe;
+mod entitlements;
 pub mod error;
 mod load;
 pub mod locks;
+mod objects;
+mod offsets;
+mod outbox;
 mod poison;
 pub mod read;
 pub mod text;
@@ -16,13 +37,13 @@ use secrecy::{ExposeSecret, SecretString};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
-pub(crate) use batch::subscription_items_json;
-pub use batch::{
-    apply_batch, BatchContext, BatchMode, BatchOutcome, InputRecord, DLQ_SQLSTATE, REBUILD_LOCK,
-};
+pub use batch::{apply_batch, BatchContext, BatchMode, BatchOutcome, REBUILD_LOCK};
+pub use dead_letters::DLQ_SQLSTATE;
+pub use decode::{decode, BatchRecord, Decoded, DecodedRecord, InputRecord, Rejection};
 pub use dedupe::prune_processed_events;
 pub use load::load_states;
 pub use locks::{lock_customers, REBUILD_RUNNING_LOCK, RELAY_LEADER_LOCK};
+pub(crate) use objects::subscription_items_json;
 pub use poison::{dead_letter_rejected, DATABASE_REJECTED};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");

@@ -4,8 +4,9 @@
 use shared::EventEnvelope;
 use sqlx::PgPool;
 
-use super::batch::{lock_offsets, write_dead_letters, DeadLetter};
+use super::dead_letters::{write_dead_letters, DeadLetter};
 use super::error::DataError;
+use super::offsets::{advance_offsets, lock_offsets};
 use super::text::storable_json;
 use super::{BatchContext, BatchMode, BatchOutcome, InputRecord, REBUILD_LOCK};
 
@@ -31,7 +32,7 @@ pub async fn dead_letter_rejected(
             .await?;
     }
     if ctx.mode.tracks_offsets() {
-        let stored = lock_offsets(&mut tx, ctx.events_topic, std::slice::from_ref(record)).await?;
+        let stored = lock_offsets(&mut tx, ctx.events_topic, &[record]).await?;
         let next = stored.get(&record.partition).copied().unwrap_or(0);
         if record.offset < next {
             outcome.replayed = 1;
@@ -55,24 +56,15 @@ pub async fn dead_letter_rejected(
         sqlstate: error.sqlstate.clone(),
     };
     write_dead_letters(&mut tx, ctx, std::slice::from_ref(&dead)).await?;
+    let mut next = std::collections::BTreeMap::new();
     if ctx.mode.tracks_offsets() {
-        let next = record.offset + 1;
-        sqlx::query(
-            "UPDATE consumer_offsets SET next_offset = GREATEST(next_offset, $3)
-             WHERE topic = $1 AND partition = $2",
-        )
-        .bind(ctx.events_topic)
-        .bind(record.partition)
-        .bind(next)
-        .execute(&mut *tx)
-        .await?;
-        outcome.next_offsets = vec![(record.partition, next)];
+        next.insert(record.partition, record.offset + 1);
     }
-    if ctx.mode == BatchMode::Live {
-        sqlx::query("SELECT pg_notify('outbox', '')")
-            .execute(&mut *tx)
-            .await?;
+    let notify = ctx.mode == BatchMode::Live;
+    if !next.is_empty() || notify {
+        advance_offsets(&mut tx, ctx.events_topic, &next, notify).await?;
     }
+    outcome.next_offsets = next.into_iter().collect();
     tx.commit().await?;
     outcome.dead_letters = 1;
     outcome.dead_positions = vec![(record.partition, record.offset)];
