@@ -20,6 +20,11 @@ pub const FOLLOWER_RETRY: Duration = Duration::from_secs(1);
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
 /// A ping slower than this counts as a lost connection.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a leader may go on believing it leads after its lock session ended: until its next
+/// heartbeat, plus that ping's timeout. An instance that takes the lock from another waits this
+/// long before it relays (see `Relay::run`), so that the two never relay, or report leading, at
+/// once.
+pub const HANDOVER: Duration = HEARTBEAT.saturating_add(PING_TIMEOUT);
 /// `application_name` of the lock connection, so operators find the leader in
 /// `pg_stat_activity`.
 const APPLICATION_NAME: &str = "projector-relay-leader";

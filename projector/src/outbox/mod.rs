@@ -23,7 +23,7 @@ use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 use crate::store::RELAY_LEADER_LOCK;
-pub use leader::{LeaderLock, FOLLOWER_RETRY, HEARTBEAT};
+pub use leader::{LeaderLock, FOLLOWER_RETRY, HANDOVER, HEARTBEAT};
 
 /// Rows published per round.
 const BATCH: i64 = 1000;
@@ -91,6 +91,9 @@ impl Relay {
     /// the leader drains what is pending once more, then releases the lock for the next one.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut lock = LeaderLock::new(&self.pool);
+        // Whether another instance may have led until a moment ago: then it may not have noticed
+        // yet that its lock is gone.
+        let mut taking_over = false;
         loop {
             if *shutdown.borrow() {
                 break;
@@ -98,12 +101,14 @@ impl Relay {
             match lock.try_acquire().await {
                 Ok(true) => {}
                 Ok(false) => {
+                    taking_over = true;
                     if stopped_within(&mut shutdown, FOLLOWER_RETRY).await {
                         break;
                     }
                     continue;
                 }
                 Err(e) => {
+                    taking_over = true;
                     tracing::warn!(error = %e, "cannot reach Postgres for the relay lock");
                     if stopped_within(&mut shutdown, FOLLOWER_RETRY).await {
                         break;
@@ -114,6 +119,22 @@ impl Relay {
             let Some(holder) = lock.holder() else {
                 continue;
             };
+            if taking_over {
+                // The previous leader stops relaying at its next heartbeat at the latest (the
+                // fencing in `publish_round` covers one that is frozen): wait that out first.
+                let handover = tokio::select! {
+                    stopped = stopped_within(&mut shutdown, HANDOVER) => Some(stopped),
+                    () = lock.lost() => None,
+                };
+                match handover {
+                    Some(true) => {
+                        lock.release().await;
+                        break;
+                    }
+                    Some(false) => {}
+                    None => continue,
+                }
+            }
             self.metrics.relay_leader.store(true, Ordering::Relaxed);
             tracing::info!(
                 lock_session = holder,
@@ -130,6 +151,7 @@ impl Relay {
                     break;
                 }
                 TermEnd::LostLock => {
+                    taking_over = true;
                     // Another instance may lead by now: what this one still holds must not
                     // reach the topic after the new leader's messages. The new leader
                     // publishes every unmarked row again.
