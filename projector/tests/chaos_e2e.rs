@@ -684,7 +684,9 @@ fn compare_dead_letters(
             mismatches.add(format!("{place} lacks the refused record at {missing:?}"));
         }
         for extra in held.difference(expected) {
-            mismatches.add(format!("{place} holds {extra:?}, which is no refused record"));
+            mismatches.add(format!(
+                "{place} holds {extra:?}, which is no refused record"
+            ));
         }
     }
     for row in table {
@@ -964,7 +966,11 @@ mod the_checks_can_fail {
     #[test]
     fn an_acknowledged_event_missing_from_the_log_is_a_mismatch() {
         let mut right = Mismatches::default();
-        check_acknowledged_logged(&ids(&["evt_1", "evt_2"]), &ids(&["evt_1", "evt_2", "evt_3"]), &mut right);
+        check_acknowledged_logged(
+            &ids(&["evt_1", "evt_2"]),
+            &ids(&["evt_1", "evt_2", "evt_3"]),
+            &mut right,
+        );
         assert!(right.0.is_empty(), "{:?}", right.0);
 
         let mut wrong = Mismatches::default();
@@ -975,18 +981,33 @@ mod the_checks_can_fail {
     fn tables(customers: Vec<Value>) -> BTreeMap<&'static str, Vec<Value>> {
         PROJECTIONS
             .iter()
-            .map(|(table, _)| (*table, if *table == "customers" { customers.clone() } else { Vec::new() }))
+            .map(|(table, _)| {
+                (
+                    *table,
+                    if *table == "customers" {
+                        customers.clone()
+                    } else {
+                        Vec::new()
+                    },
+                )
+            })
             .collect()
     }
 
     #[test]
     fn a_projection_row_that_differs_from_the_oracle_or_is_missing_is_a_mismatch() {
-        let oracle = tables(vec![json!({"id": "cus_1", "email": "a@x"}), json!({"id": "cus_2"})]);
+        let oracle = tables(vec![
+            json!({"id": "cus_1", "email": "a@x"}),
+            json!({"id": "cus_2"}),
+        ]);
         let mut right = Mismatches::default();
         compare_projections(&oracle.clone(), &oracle, &mut right);
         assert!(right.0.is_empty(), "{:?}", right.0);
 
-        let changed = tables(vec![json!({"id": "cus_1", "email": "b@x"}), json!({"id": "cus_2"})]);
+        let changed = tables(vec![
+            json!({"id": "cus_1", "email": "b@x"}),
+            json!({"id": "cus_2"}),
+        ]);
         let mut wrong = Mismatches::default();
         compare_projections(&changed, &oracle, &mut wrong);
         assert_eq!(wrong.0.len(), 1, "{:?}", wrong.0);
@@ -1008,18 +1029,34 @@ mod the_checks_can_fail {
         let key = Some("cus_1".to_owned());
         let mut right = Mismatches::default();
         let folded = fold_changes(
-            &[(key.clone(), change(1, &[])), (key.clone(), change(2, &["pro"])), (key.clone(), change(2, &["pro"]))],
+            &[
+                (key.clone(), change(1, &[])),
+                (key.clone(), change(2, &["pro"])),
+                (key.clone(), change(2, &["pro"])),
+            ],
             &mut right,
         );
         assert!(right.0.is_empty(), "{:?}", right.0);
         assert_eq!(folded["cus_1"]["version"], 2);
 
         let mut gap = Mismatches::default();
-        fold_changes(&[(key.clone(), change(1, &[])), (key.clone(), change(3, &["pro"]))], &mut gap);
+        fold_changes(
+            &[
+                (key.clone(), change(1, &[])),
+                (key.clone(), change(3, &["pro"])),
+            ],
+            &mut gap,
+        );
         assert_eq!(gap.0, ["cus_1: change versions {1, 3} have gaps"]);
 
         let mut reordered = Mismatches::default();
-        fold_changes(&[(key.clone(), change(2, &["pro"])), (key.clone(), change(1, &[]))], &mut reordered);
+        fold_changes(
+            &[
+                (key.clone(), change(2, &["pro"])),
+                (key.clone(), change(1, &[])),
+            ],
+            &mut reordered,
+        );
         assert_eq!(reordered.0, ["cus_1: the last change is not version 2"]);
 
         let mut unkeyed = Mismatches::default();
@@ -1048,16 +1085,30 @@ mod the_checks_can_fail {
         assert!(right.0.is_empty(), "{:?}", right.0);
 
         let mut wrong = Mismatches::default();
-        compare_changes_with_api(&customers, &folded, &view(&["pro", "team"], 200), &mut wrong);
+        compare_changes_with_api(
+            &customers,
+            &folded,
+            &view(&["pro", "team"], 200),
+            &mut wrong,
+        );
         assert_eq!(wrong.0.len(), 1, "{:?}", wrong.0);
-        assert!(wrong.0[0].starts_with("cus_1: folded change"), "{:?}", wrong.0);
+        assert!(
+            wrong.0[0].starts_with("cus_1: folded change"),
+            "{:?}",
+            wrong.0
+        );
 
         let mut failed = Mismatches::default();
         compare_changes_with_api(&customers, &folded, &view(&["pro"], 503), &mut failed);
         assert_eq!(failed.0, ["cus_1: the API answered 503"]);
 
         let mut silent = Mismatches::default();
-        compare_changes_with_api(&customers, &BTreeMap::new(), &view(&["pro"], 200), &mut silent);
+        compare_changes_with_api(
+            &customers,
+            &BTreeMap::new(),
+            &view(&["pro"], 200),
+            &mut silent,
+        );
         assert_eq!(silent.0, ["cus_1: no change message"]);
     }
 
@@ -1066,7 +1117,10 @@ mod the_checks_can_fail {
     }
 
     fn row(partition: i32, offset: i64, reason: &str) -> DeadLetterRow {
-        DeadLetterRow { position: at(partition, offset), reason: reason.to_owned() }
+        DeadLetterRow {
+            position: at(partition, offset),
+            reason: reason.to_owned(),
+        }
     }
 
     fn source(partition: i32, offset: i64) -> Option<String> {
@@ -1076,25 +1130,53 @@ mod the_checks_can_fail {
     #[test]
     fn a_dlq_with_one_record_more_or_fewer_than_the_refused_ones_is_a_mismatch() {
         let expected: BTreeSet<Position> = [at(0, 4), at(2, 7)].into();
-        let table = [row(0, 4, "database_rejected"), row(2, 7, "database_rejected")];
+        let table = [
+            row(0, 4, "database_rejected"),
+            row(2, 7, "database_rejected"),
+        ];
         let mut right = Mismatches::default();
         // The relay publishes at least once: a record twice in the topic is no mismatch.
-        compare_dead_letters(&expected, &[source(0, 4), source(2, 7), source(2, 7)], &table, &mut right);
+        compare_dead_letters(
+            &expected,
+            &[source(0, 4), source(2, 7), source(2, 7)],
+            &table,
+            &mut right,
+        );
         assert!(right.0.is_empty(), "{:?}", right.0);
 
         let mut fewer = Mismatches::default();
         compare_dead_letters(&expected, &[source(0, 4)], &table, &mut fewer);
-        assert_eq!(fewer.0, ["the DLQ topic lacks the refused record at Position { partition: 2, offset: 7 }"]);
+        assert_eq!(
+            fewer.0,
+            ["the DLQ topic lacks the refused record at Position { partition: 2, offset: 7 }"]
+        );
 
         let mut more = Mismatches::default();
-        let extra = [row(0, 4, "database_rejected"), row(2, 7, "database_rejected"), row(1, 0, "unexpected_shape")];
+        let extra = [
+            row(0, 4, "database_rejected"),
+            row(2, 7, "database_rejected"),
+            row(1, 0, "unexpected_shape"),
+        ];
         compare_dead_letters(&expected, &[source(0, 4), source(2, 7)], &extra, &mut more);
         assert_eq!(more.0.len(), 2, "{:?}", more.0);
-        assert!(more.0[0].starts_with("dead_letters holds Position { partition: 1, offset: 0 }"), "{:?}", more.0);
-        assert!(more.0[1].contains("has reason unexpected_shape"), "{:?}", more.0);
+        assert!(
+            more.0[0].starts_with("dead_letters holds Position { partition: 1, offset: 0 }"),
+            "{:?}",
+            more.0
+        );
+        assert!(
+            more.0[1].contains("has reason unexpected_shape"),
+            "{:?}",
+            more.0
+        );
 
         let mut foreign = Mismatches::default();
-        compare_dead_letters(&expected, &[source(0, 4), source(2, 7), None], &table, &mut foreign);
+        compare_dead_letters(
+            &expected,
+            &[source(0, 4), source(2, 7), None],
+            &table,
+            &mut foreign,
+        );
         assert_eq!(foreign.0, ["a DLQ record with dlq-source None"]);
     }
 
@@ -1132,6 +1214,9 @@ mod the_checks_can_fail {
             let customer = event["data"]["object"]["id"].as_str().unwrap_or_default();
             assert!(!is_nul || workload.nul.contains(customer), "{body}");
         }
-        assert!(workload.bodies.iter().any(|b| b.contains(r"before\u0000after")));
+        assert!(workload
+            .bodies
+            .iter()
+            .any(|b| b.contains(r"before\u0000after")));
     }
 }

@@ -42,10 +42,28 @@ async fn a_redrive_with_one_record_still_refused_applies_the_others_and_keeps_on
     let mut bodies = Vec::new();
     for n in 0..6 {
         let id = format!("cus_redrive_{n}");
-        bodies.push(Event::new(&format!("evt_rd_c{n}"), "customer.created", T0, customer(&id, false)).body());
+        bodies.push(
+            Event::new(
+                &format!("evt_rd_c{n}"),
+                "customer.created",
+                T0,
+                customer(&id, false),
+            )
+            .body(),
+        );
     }
-    bodies.push(email_update("evt_rd_first", "cus_redrive_0", "first@example.com", T0 + 10));
-    bodies.push(email_update("evt_rd_second", "cus_redrive_1", "second@example.com", T0 + 10));
+    bodies.push(email_update(
+        "evt_rd_first",
+        "cus_redrive_0",
+        "first@example.com",
+        T0 + 10,
+    ));
+    bodies.push(email_update(
+        "evt_rd_second",
+        "cus_redrive_1",
+        "second@example.com",
+        T0 + 10,
+    ));
     // More dead letters the fix makes applicable, so that the redriven batch has several
     // records besides the refused one.
     for n in 2..6 {
@@ -87,7 +105,11 @@ async fn a_redrive_with_one_record_still_refused_applies_the_others_and_keeps_on
     .fetch_all(&mut db)
     .await
     .unwrap();
-    assert_eq!(rows.len(), 6, "no dead letter is added or lost by the redrive");
+    assert_eq!(
+        rows.len(),
+        6,
+        "no dead letter is added or lost by the redrive"
+    );
     for row in &rows {
         let event_id: String = row.get("event_id");
         let redriven: bool = row.get("redriven");
