@@ -29,7 +29,7 @@ struct PendingDeadLetter {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RedriveError {
-    #[error("cannot read the dead letters: {0}")]
+    #[error("postgres: {0}")]
     Database(#[from] sqlx::Error),
     #[error("interrupted while retrying; nothing after the last committed part was applied")]
     Interrupted,
@@ -39,11 +39,10 @@ pub enum RedriveError {
 ///
 /// One batch, applied like a live one: it waits while a rebuild swaps (the shared rebuild
 /// lock) and takes each customer's lock before reading their state, so a redrive racing the
-/// live projector on the same customers commits wholly before or after each live batch. It is
-/// applied as live batches are, by [`apply_isolating`]: a record Postgres still refuses is
-/// found by bisection and stays a pending dead letter (its reason and SQLSTATE updated), and
-/// every other one is applied. Transient failures are retried with capped backoff until
-/// `shutdown` fires.
+/// live projector on the same customers commits wholly before or after each live batch. Like a
+/// live batch it goes through [`apply_isolating`]: a record Postgres still refuses is found by
+/// bisection and stays a pending dead letter (its reason and SQLSTATE updated), and every other
+/// one is applied. Transient failures are retried with capped backoff until `shutdown` fires.
 pub async fn redrive(
     pool: &PgPool,
     config: &Config,
