@@ -85,9 +85,14 @@ async fn run(command: Command, config: Config) -> Result<ExitCode, String> {
                 .as_ref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_else(|| "none".into());
-            let app = Application::build(config)
-                .await
-                .map_err(|e| e.to_string())?;
+            let app = match Application::build(config).await {
+                Ok(app) => app,
+                Err(e) => {
+                    tracing::error!(code = e.code(), error = %e, "projector failed to start");
+                    eprintln!("projector failed to start ({}): {e}", e.code());
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
             tracing::info!(addr = %addr, port = app.port(), entitlements_config = %policy, "projector listening");
             app.run_until_stopped().await.map_err(|e| e.to_string())?;
             Ok(ExitCode::SUCCESS)
@@ -217,7 +222,10 @@ async fn run(command: Command, config: Config) -> Result<ExitCode, String> {
             let pool = startup::database(&config)
                 .await
                 .map_err(|e| e.to_string())?;
-            let report = projector::redrive::redrive(&pool, &config, &ids)
+            // Transient failures are retried until they pass; Ctrl-C or SIGTERM ends the
+            // process (what was committed stays committed), so nothing needs to fire this.
+            let (_keep_open, mut shutdown) = tokio::sync::watch::channel(false);
+            let report = projector::redrive::redrive(&pool, &config, &ids, &mut shutdown)
                 .await
                 .map_err(|e| e.to_string())?;
             println!(

@@ -3,9 +3,12 @@
 use std::collections::HashSet;
 
 use sqlx::PgPool;
+use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::store::{apply_batch, BatchContext, BatchMode, InputRecord};
+use crate::isolation::apply_isolating;
+use crate::metrics::Metrics;
+use crate::store::{BatchContext, BatchMode, InputRecord};
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RedriveReport {
@@ -24,16 +27,28 @@ struct PendingDeadLetter {
     payload: Vec<u8>,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum RedriveError {
+    #[error("postgres: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("interrupted while retrying; nothing after the last committed part was applied")]
+    Interrupted,
+}
+
 /// Re-applies the pending dead letters with `ids` (all pending ones when empty).
 ///
 /// One batch, applied like a live one: it waits while a rebuild swaps (the shared rebuild
 /// lock) and takes each customer's lock before reading their state, so a redrive racing the
-/// live projector on the same customers commits wholly before or after each live batch.
+/// live projector on the same customers commits wholly before or after each live batch. Like a
+/// live batch it goes through [`apply_isolating`]: a record Postgres still refuses is found by
+/// bisection and stays a pending dead letter (its reason and SQLSTATE updated), and every other
+/// one is applied. Transient failures are retried with capped backoff until `shutdown` fires.
 pub async fn redrive(
     pool: &PgPool,
     config: &Config,
     ids: &[i64],
-) -> Result<RedriveReport, sqlx::Error> {
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<RedriveReport, RedriveError> {
     let pending: Vec<PendingDeadLetter> = sqlx::query_as(
         "SELECT id, partition, \"offset\", payload FROM dead_letters
          WHERE redriven_at IS NULL AND topic = $1 AND (cardinality($2::int8[]) = 0 OR id = ANY($2))
@@ -64,7 +79,11 @@ pub async fn redrive(
         mode: BatchMode::Redrive,
         accept_gaps: &no_gaps,
     };
-    let outcome = apply_batch(pool, &ctx, &records).await?;
+    // A one-off command: its counters are not served anywhere.
+    let metrics = Metrics::default();
+    let outcome = apply_isolating(pool, &ctx, &records, &metrics, shutdown)
+        .await
+        .ok_or(RedriveError::Interrupted)?;
     let failing: HashSet<(i32, i64)> = outcome.dead_positions.into_iter().collect();
     for dead in &pending {
         if failing.contains(&(dead.partition, dead.offset)) {

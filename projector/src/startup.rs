@@ -8,10 +8,10 @@ use actix_web::dev::Server;
 use actix_web::{web, App, HttpServer};
 use rdkafka::producer::FutureProducer;
 use shared::kafka::{
-    check_cluster, durable_producer_config, ensure_topics, KafkaUnreachable, TopicSpec,
+    check_cluster, durable_producer_config, ensure_topics, KafkaUnreachable, TopicError, TopicSpec,
     PREFLIGHT_DEADLINE,
 };
-use shared::limits;
+use shared::limits::{self, TopicTooSmall};
 use sqlx::PgPool;
 use tokio::sync::watch;
 
@@ -32,8 +32,14 @@ pub enum StartupError {
     Database(#[from] sqlx::Error),
     #[error("cannot migrate the database: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(
+        "{0}; raise the topic's max.message.bytes to at least {required} (the largest entitlement \
+         change the relay publishes)",
+        required = .0.required
+    )]
+    TopicTooSmall(TopicTooSmall),
     #[error("cannot create the Kafka topics: {0}")]
-    Topics(#[from] shared::kafka::TopicError),
+    Topics(#[source] TopicError),
     #[error("cannot create a Kafka client: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("cannot listen on {addr}: {source}")]
@@ -41,6 +47,30 @@ pub enum StartupError {
         addr: std::net::SocketAddr,
         source: std::io::Error,
     },
+}
+
+impl StartupError {
+    /// Stable code of the failure, logged with it (the text may change, the code does not).
+    pub fn code(&self) -> &'static str {
+        match self {
+            StartupError::KafkaUnreachable(_) => "kafka_unreachable",
+            StartupError::Database(_) => "database_unreachable",
+            StartupError::Migrate(_) => "migration_failed",
+            StartupError::TopicTooSmall(_) => "topic_too_small",
+            StartupError::Topics(_) => "topic_setup_failed",
+            StartupError::Kafka(_) => "kafka_client",
+            StartupError::Listen { .. } => "listen_failed",
+        }
+    }
+}
+
+impl From<TopicError> for StartupError {
+    fn from(error: TopicError) -> Self {
+        match error {
+            TopicError::TooSmall(too_small) => StartupError::TopicTooSmall(too_small),
+            other => StartupError::Topics(other),
+        }
+    }
 }
 
 pub struct Application {
@@ -66,17 +96,21 @@ pub async fn kafka_reachable(config: &Config) -> Result<(), StartupError> {
     Ok(check_cluster(&config.kafka, PREFLIGHT_DEADLINE).await?)
 }
 
+/// Creates the missing topics, and refuses an existing change topic that cannot hold the
+/// largest change message: the relay would park every message above its limit, so customers'
+/// changes would silently stop reaching downstream systems.
 pub async fn topics(config: &Config) -> Result<(), StartupError> {
     ensure_topics(
         &config.kafka,
         &[
-            // Sized as ingest creates them with the default MAX_BODY_BYTES; ingest checks them
-            // against its own limit. A change message too large for its topic is parked by the
-            // relay, so an existing smaller topic is not refused here.
+            // Sized as ingest creates them with the default MAX_BODY_BYTES. Ingest, which writes
+            // the raw log and the DLQ, checks existing ones against its own MAX_BODY_BYTES: the
+            // projector only reads the log, and its dead letters are records of that log (one
+            // too large for the DLQ is parked by the relay, with a reason and a metric).
             TopicSpec::event_log(&config.events_topic, config.events_partitions)
                 .created_holding(ingest_record_bytes()),
             TopicSpec::compacted(&config.entitlements_topic, config.entitlements_partitions)
-                .created_holding(limits::ENTITLEMENT_CHANGE_MAX_BYTES),
+                .holding(limits::ENTITLEMENT_CHANGE_MAX_BYTES),
             TopicSpec::dead_letters(&config.dlq_topic).created_holding(ingest_record_bytes()),
         ],
         Duration::from_secs(30),

@@ -1,12 +1,16 @@
 //! The chaos harness (`scripts/chaos`): a Stripe-like sender delivers a scripted population of
 //! lifecycle events, with redeliveries and out-of-order arrival, retrying every non-2xx with
 //! backoff; meanwhile the broker, two `projector run` instances, ingest and Postgres are each
-//! SIGKILLed and restarted at random moments. At the end every acknowledged event must be in the
-//! log, the projections must equal an oracle, the folded change topic must equal the read API and
-//! the DLQ must be empty.
+//! SIGKILLed and restarted at random moments. The population includes poison: events Postgres
+//! refuses (a CHECK constraint made on purpose, in the oracle's database too) and events carrying
+//! a NUL, which the projector must escape and project. At the end every acknowledged event must be
+//! in the log, the projections must equal an oracle, the folded change topic must equal the read
+//! API, the DLQ must hold exactly the refused events' records and the NUL events are projected.
 //!
 //! It kills the broker and Postgres, so it runs only against a stack instance of its own:
 //! `#[ignore]`d, run by `scripts/chaos`, which starts that instance and sets `CHAOS_STACK_DIR`.
+//! The comparisons are pure functions, each shown able to fail by the unit tests at the end,
+//! which run in every `cargo test`.
 
 mod common;
 
@@ -39,6 +43,15 @@ const SETTLE_DEADLINE: Duration = Duration::from_secs(300);
 const PRO: Item<'static> = ("price_pro_month", "prod_pro", None);
 const TEAM: Item<'static> = ("price_team_month", "prod_team", None);
 const ENTERPRISE: Item<'static> = ("price_ent_year", "prod_ent", Some("enterprise"));
+
+/// The constraint made on purpose in both databases: Postgres refuses a customer with this email,
+/// deterministically, wherever and however often the record is applied.
+const REFUSED_EMAIL: &str = "refused@example.com";
+const REFUSE_EMAIL: &str = "ALTER TABLE customers ADD CONSTRAINT chaos_refused_email
+     CHECK (email IS DISTINCT FROM 'refused@example.com')";
+/// The metadata of a NUL-carrying event, and what the projection stores for it.
+const NUL_NOTE: &str = "before\u{0}after";
+const NUL_NOTE_STORED: &str = "before\u{fffd}after";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Fault {
@@ -96,15 +109,23 @@ struct Workload {
     /// Distinct events among them.
     events: usize,
     customers: Vec<String>,
+    /// Ids of the events Postgres refuses: every record of them must be a dead letter.
+    refused: BTreeSet<String>,
+    /// Customers whose newest event carries a NUL in its metadata.
+    nul: BTreeSet<String>,
 }
 
 /// Per customer: a customer, a Checkout with `client_reference_id`, a subscription moving
 /// through statuses and items, invoices paid and failed, and for some a cancellation, a second
-/// subscription, or a deleted customer. Every ninth event is redelivered; the arrival order is
-/// shuffled with the run's seed.
+/// subscription, or a deleted customer. Every tenth customer's newest event is refused by
+/// Postgres, and another tenth's carries a NUL; each is the customer's newest snapshot, so that it
+/// is applied (and refused) whatever order the records arrive in. Every ninth event is
+/// redelivered; the arrival order is shuffled with the run's seed.
 fn workload(customers: usize, rng: &mut fastrand::Rng) -> Workload {
     let mut events: Vec<Event> = Vec::new();
     let mut ids = Vec::new();
+    let mut refused = BTreeSet::new();
+    let mut nul = BTreeSet::new();
     for i in 0..customers {
         let c = format!("cus_chaos_{i:05}");
         ids.push(c.clone());
@@ -206,13 +227,30 @@ fn workload(customers: usize, rng: &mut fastrand::Rng) -> Workload {
         if i % 17 == 0 {
             mine.push(("customer.deleted", t + 500, deleted_customer(&c, false)));
         }
+        let poison = if i % 10 == 3 && i % 17 != 0 {
+            mine.push((
+                "customer.updated",
+                t + 1_000,
+                with(customer(&c, false), "email", json!(REFUSED_EMAIL)),
+            ));
+            Some(mine.len() - 1)
+        } else {
+            if i % 10 == 7 && i % 17 != 0 {
+                mine.push((
+                    "customer.updated",
+                    t + 1_000,
+                    with(customer(&c, false), "metadata", json!({ "note": NUL_NOTE })),
+                ));
+                nul.insert(c.clone());
+            }
+            None
+        };
         for (n, (event_type, created, object)) in mine.into_iter().enumerate() {
-            let mut event = Event::new(
-                &format!("evt_chaos_{i:05}_{n:02}"),
-                event_type,
-                created,
-                object,
-            );
+            let id = format!("evt_chaos_{i:05}_{n:02}");
+            if poison == Some(n) {
+                refused.insert(id.clone());
+            }
+            let mut event = Event::new(&id, event_type, created, object);
             if !basil {
                 event = event.legacy_api();
             }
@@ -227,6 +265,8 @@ fn workload(customers: usize, rng: &mut fastrand::Rng) -> Workload {
         bodies,
         events: events.len(),
         customers: ids,
+        refused,
+        nul,
     }
 }
 
@@ -430,11 +470,6 @@ impl Chaos {
     }
 }
 
-/// Records in the topic: the sum of the high watermarks (no transactions, so no markers).
-fn log_records(topic: &str) -> u64 {
-    read_topic_to_end(topic).len() as u64
-}
-
 /// Polls until the stored offsets of the database cover `records` and its outbox is published.
 async fn settle(database_url: &str, topic: &str, records: u64) {
     let deadline = Instant::now() + SETTLE_DEADLINE;
@@ -549,6 +584,152 @@ fn fold_changes(
     last
 }
 
+/// Every event that got a 2xx is in the log.
+fn check_acknowledged_logged(
+    acknowledged: &BTreeSet<String>,
+    logged: &BTreeSet<String>,
+    mismatches: &mut Mismatches,
+) {
+    for id in acknowledged.difference(logged) {
+        mismatches.add(format!("{id} got a 2xx but is not in the log"));
+    }
+}
+
+/// What the read API answered for a customer.
+struct ApiView {
+    status: u16,
+    body: Value,
+}
+
+/// The folded change topic equals the read API for every customer.
+fn compare_changes_with_api(
+    customers: &[String],
+    folded: &BTreeMap<String, Value>,
+    views: &BTreeMap<String, ApiView>,
+    mismatches: &mut Mismatches,
+) {
+    for customer in customers {
+        let Some(mut message) = folded.get(customer).cloned() else {
+            mismatches.add(format!("{customer}: no change message"));
+            continue;
+        };
+        let Some(view) = views.get(customer) else {
+            mismatches.add(format!("{customer}: not asked of the API"));
+            continue;
+        };
+        if view.status != 200 {
+            mismatches.add(format!("{customer}: the API answered {}", view.status));
+            continue;
+        }
+        let mut body = view.body.clone();
+        // `updated_at` follows every event (an invoice moves it) without a new version.
+        if let Some(message) = message.as_object_mut() {
+            for field in ["type", "added", "removed", "cause", "updated_at"] {
+                message.remove(field);
+            }
+        }
+        if let Some(body) = body.as_object_mut() {
+            body.remove("updated_at");
+        }
+        if message != body {
+            mismatches.add(format!("{customer}: folded change {message} vs API {body}"));
+        }
+    }
+}
+
+/// A record's place in the raw log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Position {
+    partition: i32,
+    offset: i64,
+}
+
+/// `dlq-source` of a projector dead letter: `<topic>/<partition>/<offset>`.
+fn dlq_source_position(source: &str) -> Option<Position> {
+    let mut parts = source.rsplitn(3, '/');
+    let offset = parts.next()?.parse().ok()?;
+    let partition = parts.next()?.parse().ok()?;
+    parts.next()?;
+    Some(Position { partition, offset })
+}
+
+/// A row of `dead_letters`.
+struct DeadLetterRow {
+    position: Position,
+    reason: String,
+}
+
+/// The DLQ topic and the `dead_letters` table hold exactly the records of the refused events,
+/// no more and no fewer. The topic may hold a record twice (the relay publishes at least once),
+/// so positions are compared as sets; a record without a readable `dlq-source` is not the
+/// projector's and counts as one too many.
+fn compare_dead_letters(
+    expected: &BTreeSet<Position>,
+    dlq_sources: &[Option<String>],
+    table: &[DeadLetterRow],
+    mismatches: &mut Mismatches,
+) {
+    let mut in_topic = BTreeSet::new();
+    for source in dlq_sources {
+        match source.as_deref().and_then(dlq_source_position) {
+            Some(position) => {
+                in_topic.insert(position);
+            }
+            None => mismatches.add(format!("a DLQ record with dlq-source {source:?}")),
+        }
+    }
+    let in_table: BTreeSet<Position> = table.iter().map(|row| row.position).collect();
+    for (place, held) in [("the DLQ topic", &in_topic), ("dead_letters", &in_table)] {
+        for missing in expected.difference(held) {
+            mismatches.add(format!("{place} lacks the refused record at {missing:?}"));
+        }
+        for extra in held.difference(expected) {
+            mismatches.add(format!(
+                "{place} holds {extra:?}, which is no refused record"
+            ));
+        }
+    }
+    for row in table {
+        if row.reason != "database_rejected" {
+            mismatches.add(format!(
+                "dead letter at {:?} has reason {}",
+                row.position, row.reason
+            ));
+        }
+    }
+}
+
+/// Each NUL-carrying customer is projected, the NUL escaped in the stored snapshot.
+fn check_nul_projected(
+    nul: &BTreeSet<String>,
+    stored_notes: &BTreeMap<String, String>,
+    mismatches: &mut Mismatches,
+) {
+    for customer in nul {
+        match stored_notes.get(customer) {
+            Some(note) if note == NUL_NOTE_STORED => {}
+            Some(note) => mismatches.add(format!("{customer}: metadata note {note:?} stored")),
+            None => mismatches.add(format!("{customer}: the NUL event is not projected")),
+        }
+    }
+}
+
+/// Runs a `projector` subcommand with `env` to completion; panics if it fails.
+fn projector_command(env: &[(String, String)], args: &[&str]) {
+    let output = Command::new(binary("projector"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("run projector");
+    assert!(
+        output.status.success(),
+        "projector {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "kills the broker and Postgres: run by scripts/chaos on its own stack instance"]
 async fn chaos() {
@@ -568,6 +749,11 @@ async fn chaos() {
     }
 
     let pipeline = Pipeline::start(Options::default()).await;
+    // Projector A has migrated the database; the constraint comes before any event does.
+    sqlx::query(REFUSE_EMAIL)
+        .execute(&mut pipeline.db().await)
+        .await
+        .expect("the refusing constraint");
     let second = pipeline.spawn_projector();
     let ingest_url = Arc::new(RwLock::new(pipeline.ingest_url()));
     let mut chaos = Chaos {
@@ -621,23 +807,33 @@ async fn chaos() {
 
     // Every acknowledged event is in the log.
     let pipeline = &chaos.pipeline;
-    let logged: BTreeSet<String> = read_topic_to_end(&pipeline.events_topic)
-        .iter()
-        .filter_map(|m| {
-            let body: Value = serde_json::from_slice(m.payload()?).ok()?;
-            body["id"].as_str().map(str::to_owned)
-        })
-        .collect();
-    for id in delivery.acknowledged.difference(&logged) {
-        mismatches.add(format!("{id} got a 2xx but is not in the log"));
+    let log = read_topic_to_end(&pipeline.events_topic);
+    let mut logged = BTreeSet::new();
+    let mut refused_positions = BTreeSet::new();
+    for record in &log {
+        let Some(id) = record
+            .payload()
+            .and_then(|p| serde_json::from_slice::<Value>(p).ok())
+            .and_then(|body| body["id"].as_str().map(str::to_owned))
+        else {
+            continue;
+        };
+        if workload.refused.contains(&id) {
+            refused_positions.insert(Position {
+                partition: record.partition(),
+                offset: record.offset(),
+            });
+        }
+        logged.insert(id);
     }
-    let records = log_records(&pipeline.events_topic);
+    check_acknowledged_logged(&delivery.acknowledged, &logged, &mut mismatches);
+    let records = log.len() as u64;
     settle(&pipeline.database_url, &pipeline.events_topic, records).await;
 
     // The oracle: a projector that never saw a fault, on a fresh database and group, consuming
     // the same log. It sees exactly the records the chaos run saw (redeliveries, and appends
     // whose 2xx was lost with a killed ingest), which an in-process replay of the sent events
-    // could not know.
+    // could not know. Its database refuses the same records.
     let oracle_db = unique("chaos_oracle").to_lowercase();
     let mut admin = PgConnection::connect(&admin_database_url())
         .await
@@ -657,6 +853,11 @@ async fn chaos() {
             _ => {}
         }
     }
+    projector_command(&oracle_env, &["migrate"]);
+    sqlx::query(REFUSE_EMAIL)
+        .execute(&mut PgConnection::connect(&oracle_url).await.expect("connect"))
+        .await
+        .expect("the refusing constraint in the oracle");
     let _oracle = Service::spawn(
         "oracle projector",
         binary("projector"),
@@ -682,61 +883,340 @@ async fn chaos() {
 
     // The folded change topic equals the read API for every customer.
     let folded = fold_changes(&pipeline.changes(), &mut mismatches);
+    let mut views = BTreeMap::new();
     for customer in &workload.customers {
-        let (status, mut view) = pipeline
+        let (status, body) = pipeline
             .get(&format!("/v1/customers/{customer}/entitlements"))
             .await;
-        let Some(mut message) = folded.get(customer).cloned() else {
-            mismatches.add(format!("{customer}: no change message"));
-            continue;
-        };
-        if status != 200 {
-            mismatches.add(format!("{customer}: the API answered {status}"));
-            continue;
-        }
-        // `updated_at` follows every event (an invoice moves it) without a new version.
-        for field in ["type", "added", "removed", "cause", "updated_at"] {
-            message.as_object_mut().expect("an object").remove(field);
-        }
-        view.as_object_mut()
-            .expect("an object")
-            .remove("updated_at");
-        if message != view {
-            mismatches.add(format!("{customer}: folded change {message} vs API {view}"));
-        }
+        views.insert(customer.clone(), ApiView { status, body });
     }
+    compare_changes_with_api(&workload.customers, &folded, &views, &mut mismatches);
 
-    // No poison was sent, so the DLQ holds nothing and nothing was dead-lettered.
-    let dlq = read_topic_to_end(&pipeline.dlq_topic).len();
-    if dlq > 0 {
-        mismatches.add(format!("the DLQ holds {dlq} records"));
-    }
+    // The DLQ holds exactly the refused events' records; the NUL events are projected.
+    let dlq_sources: Vec<Option<String>> = read_topic_to_end(&pipeline.dlq_topic)
+        .iter()
+        .map(|m| {
+            use rdkafka::message::Headers;
+            m.headers()?
+                .iter()
+                .find(|h| h.key == shared::envelope::header::DLQ_SOURCE)
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        })
+        .collect();
     let mut db = pipeline.db().await;
-    let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead_letters")
-        .fetch_one(&mut db)
-        .await
-        .expect("count dead letters");
-    if dead > 0 {
-        mismatches.add(format!("{dead} dead letters"));
-    }
+    let table: Vec<DeadLetterRow> = sqlx::query_as::<_, (i32, i64, String)>(
+        "SELECT partition, \"offset\", reason FROM dead_letters",
+    )
+    .fetch_all(&mut db)
+    .await
+    .expect("dead letters")
+    .into_iter()
+    .map(|(partition, offset, reason)| DeadLetterRow {
+        position: Position { partition, offset },
+        reason,
+    })
+    .collect();
+    compare_dead_letters(&refused_positions, &dlq_sources, &table, &mut mismatches);
+    let stored_notes: BTreeMap<String, String> = sqlx::query_as(
+        "SELECT id, snapshot -> 'metadata' ->> 'note' FROM customers
+         WHERE snapshot -> 'metadata' ? 'note'",
+    )
+    .fetch_all(&mut db)
+    .await
+    .expect("stored notes")
+    .into_iter()
+    .collect();
+    check_nul_projected(&workload.nul, &stored_notes, &mut mismatches);
 
     for m in &mismatches.0 {
         eprintln!("chaos: MISMATCH {m}");
     }
     let kinds: Vec<String> = injected.iter().map(|(k, n)| format!("{k:?} {n}")).collect();
     eprintln!(
-        "chaos: seed {} | events {} distinct, {} deliveries | acknowledged {} | retries {} | log \
-         records {} | faults: {} | died on their own: {:?} | mismatches {} | {:?}",
+        "chaos: seed {} | events {} distinct ({} refused by Postgres, {} with a NUL), {} \
+         deliveries | acknowledged {} | retries {} | log records {} | dead letters {} | faults: {} \
+         | died on their own: {:?} | mismatches {} | {:?}",
         settings.seed,
         workload.events,
+        workload.refused.len(),
+        workload.nul.len(),
         workload.bodies.len(),
         delivery.acknowledged.len(),
         delivery.retries,
         records,
+        refused_positions.len(),
         kinds.join(", "),
         chaos.died,
         mismatches.0.len(),
         started.elapsed()
     );
     assert_eq!(mismatches.0.len(), 0, "mismatches (seed {})", settings.seed);
+}
+
+/// Each check of the harness fed a right and a deliberately wrong state: a check that cannot
+/// fail proves nothing. These run in every `cargo test` (the harness itself is ignored).
+mod the_checks_can_fail {
+    use super::*;
+
+    fn ids(list: &[&str]) -> BTreeSet<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn an_acknowledged_event_missing_from_the_log_is_a_mismatch() {
+        let mut right = Mismatches::default();
+        check_acknowledged_logged(
+            &ids(&["evt_1", "evt_2"]),
+            &ids(&["evt_1", "evt_2", "evt_3"]),
+            &mut right,
+        );
+        assert!(right.0.is_empty(), "{:?}", right.0);
+
+        let mut wrong = Mismatches::default();
+        check_acknowledged_logged(&ids(&["evt_1", "evt_2"]), &ids(&["evt_1"]), &mut wrong);
+        assert_eq!(wrong.0, ["evt_2 got a 2xx but is not in the log"]);
+    }
+
+    fn tables(customers: Vec<Value>) -> BTreeMap<&'static str, Vec<Value>> {
+        PROJECTIONS
+            .iter()
+            .map(|(table, _)| {
+                (
+                    *table,
+                    if *table == "customers" {
+                        customers.clone()
+                    } else {
+                        Vec::new()
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_projection_row_that_differs_from_the_oracle_or_is_missing_is_a_mismatch() {
+        let oracle = tables(vec![
+            json!({"id": "cus_1", "email": "a@x"}),
+            json!({"id": "cus_2"}),
+        ]);
+        let mut right = Mismatches::default();
+        compare_projections(&oracle.clone(), &oracle, &mut right);
+        assert!(right.0.is_empty(), "{:?}", right.0);
+
+        let changed = tables(vec![
+            json!({"id": "cus_1", "email": "b@x"}),
+            json!({"id": "cus_2"}),
+        ]);
+        let mut wrong = Mismatches::default();
+        compare_projections(&changed, &oracle, &mut wrong);
+        assert_eq!(wrong.0.len(), 1, "{:?}", wrong.0);
+        assert!(wrong.0[0].starts_with("customers row 0"), "{:?}", wrong.0);
+
+        let missing = tables(vec![json!({"id": "cus_1", "email": "a@x"})]);
+        let mut wrong = Mismatches::default();
+        compare_projections(&missing, &oracle, &mut wrong);
+        assert_eq!(wrong.0, ["customers: 1 rows, the oracle 2 rows"]);
+    }
+
+    fn change(version: i64, features: &[&str]) -> Value {
+        json!({"type": "entitlements.changed", "customer": "cus_1", "version": version,
+               "features": features, "added": [], "removed": [], "cause": {}, "updated_at": "t"})
+    }
+
+    #[test]
+    fn change_versions_with_a_gap_or_an_older_last_message_are_mismatches() {
+        let key = Some("cus_1".to_owned());
+        let mut right = Mismatches::default();
+        let folded = fold_changes(
+            &[
+                (key.clone(), change(1, &[])),
+                (key.clone(), change(2, &["pro"])),
+                (key.clone(), change(2, &["pro"])),
+            ],
+            &mut right,
+        );
+        assert!(right.0.is_empty(), "{:?}", right.0);
+        assert_eq!(folded["cus_1"]["version"], 2);
+
+        let mut gap = Mismatches::default();
+        fold_changes(
+            &[
+                (key.clone(), change(1, &[])),
+                (key.clone(), change(3, &["pro"])),
+            ],
+            &mut gap,
+        );
+        assert_eq!(gap.0, ["cus_1: change versions {1, 3} have gaps"]);
+
+        let mut reordered = Mismatches::default();
+        fold_changes(
+            &[
+                (key.clone(), change(2, &["pro"])),
+                (key.clone(), change(1, &[])),
+            ],
+            &mut reordered,
+        );
+        assert_eq!(reordered.0, ["cus_1: the last change is not version 2"]);
+
+        let mut unkeyed = Mismatches::default();
+        fold_changes(&[(None, change(1, &[]))], &mut unkeyed);
+        assert_eq!(unkeyed.0.len(), 1, "{:?}", unkeyed.0);
+    }
+
+    #[test]
+    fn a_folded_change_that_differs_from_the_read_api_is_a_mismatch() {
+        let customers = vec!["cus_1".to_owned()];
+        let mut folded = BTreeMap::new();
+        folded.insert("cus_1".to_owned(), change(2, &["pro"]));
+        let view = |features: &[&str], status: u16| {
+            let mut views = BTreeMap::new();
+            views.insert(
+                "cus_1".to_owned(),
+                ApiView {
+                    status,
+                    body: json!({"customer": "cus_1", "version": 2, "features": features, "updated_at": "u"}),
+                },
+            );
+            views
+        };
+        let mut right = Mismatches::default();
+        compare_changes_with_api(&customers, &folded, &view(&["pro"], 200), &mut right);
+        assert!(right.0.is_empty(), "{:?}", right.0);
+
+        let mut wrong = Mismatches::default();
+        compare_changes_with_api(
+            &customers,
+            &folded,
+            &view(&["pro", "team"], 200),
+            &mut wrong,
+        );
+        assert_eq!(wrong.0.len(), 1, "{:?}", wrong.0);
+        assert!(
+            wrong.0[0].starts_with("cus_1: folded change"),
+            "{:?}",
+            wrong.0
+        );
+
+        let mut failed = Mismatches::default();
+        compare_changes_with_api(&customers, &folded, &view(&["pro"], 503), &mut failed);
+        assert_eq!(failed.0, ["cus_1: the API answered 503"]);
+
+        let mut silent = Mismatches::default();
+        compare_changes_with_api(
+            &customers,
+            &BTreeMap::new(),
+            &view(&["pro"], 200),
+            &mut silent,
+        );
+        assert_eq!(silent.0, ["cus_1: no change message"]);
+    }
+
+    fn at(partition: i32, offset: i64) -> Position {
+        Position { partition, offset }
+    }
+
+    fn row(partition: i32, offset: i64, reason: &str) -> DeadLetterRow {
+        DeadLetterRow {
+            position: at(partition, offset),
+            reason: reason.to_owned(),
+        }
+    }
+
+    fn source(partition: i32, offset: i64) -> Option<String> {
+        Some(format!("e2e_1.events/{partition}/{offset}"))
+    }
+
+    #[test]
+    fn a_dlq_with_one_record_more_or_fewer_than_the_refused_ones_is_a_mismatch() {
+        let expected: BTreeSet<Position> = [at(0, 4), at(2, 7)].into();
+        let table = [
+            row(0, 4, "database_rejected"),
+            row(2, 7, "database_rejected"),
+        ];
+        let mut right = Mismatches::default();
+        // The relay publishes at least once: a record twice in the topic is no mismatch.
+        compare_dead_letters(
+            &expected,
+            &[source(0, 4), source(2, 7), source(2, 7)],
+            &table,
+            &mut right,
+        );
+        assert!(right.0.is_empty(), "{:?}", right.0);
+
+        let mut fewer = Mismatches::default();
+        compare_dead_letters(&expected, &[source(0, 4)], &table, &mut fewer);
+        assert_eq!(
+            fewer.0,
+            ["the DLQ topic lacks the refused record at Position { partition: 2, offset: 7 }"]
+        );
+
+        let mut more = Mismatches::default();
+        let extra = [
+            row(0, 4, "database_rejected"),
+            row(2, 7, "database_rejected"),
+            row(1, 0, "unexpected_shape"),
+        ];
+        compare_dead_letters(&expected, &[source(0, 4), source(2, 7)], &extra, &mut more);
+        assert_eq!(more.0.len(), 2, "{:?}", more.0);
+        assert!(
+            more.0[0].starts_with("dead_letters holds Position { partition: 1, offset: 0 }"),
+            "{:?}",
+            more.0
+        );
+        assert!(
+            more.0[1].contains("has reason unexpected_shape"),
+            "{:?}",
+            more.0
+        );
+
+        let mut foreign = Mismatches::default();
+        compare_dead_letters(
+            &expected,
+            &[source(0, 4), source(2, 7), None],
+            &table,
+            &mut foreign,
+        );
+        assert_eq!(foreign.0, ["a DLQ record with dlq-source None"]);
+    }
+
+    #[test]
+    fn a_nul_event_not_projected_or_stored_unescaped_is_a_mismatch() {
+        let nul = ids(&["cus_7"]);
+        let stored = |note: &str| BTreeMap::from([("cus_7".to_owned(), note.to_owned())]);
+        let mut right = Mismatches::default();
+        check_nul_projected(&nul, &stored(NUL_NOTE_STORED), &mut right);
+        assert!(right.0.is_empty(), "{:?}", right.0);
+
+        let mut missing = Mismatches::default();
+        check_nul_projected(&nul, &BTreeMap::new(), &mut missing);
+        assert_eq!(missing.0, ["cus_7: the NUL event is not projected"]);
+
+        let mut unescaped = Mismatches::default();
+        check_nul_projected(&nul, &stored("before"), &mut unescaped);
+        assert_eq!(unescaped.0.len(), 1, "{:?}", unescaped.0);
+    }
+
+    #[test]
+    fn the_workload_holds_refused_and_nul_events_and_they_are_each_customers_newest() {
+        let workload = workload(30, &mut fastrand::Rng::with_seed(1));
+        // Customers 3, 13 and 23.
+        assert_eq!(workload.refused.len(), 3, "{:?}", workload.refused);
+        // Customers 7 and 27; 17 is a deleted customer, left out of both.
+        assert_eq!(workload.nul.len(), 2, "{:?}", workload.nul);
+        for body in &workload.bodies {
+            let event: Value = serde_json::from_str(body).unwrap();
+            let id = event["id"].as_str().unwrap();
+            if workload.refused.contains(id) {
+                assert_eq!(event["data"]["object"]["email"], REFUSED_EMAIL);
+            }
+            let is_nul = event["data"]["object"]["metadata"]["note"] == NUL_NOTE;
+            let customer = event["data"]["object"]["id"].as_str().unwrap_or_default();
+            assert!(!is_nul || workload.nul.contains(customer), "{body}");
+        }
+        assert!(workload
+            .bodies
+            .iter()
+            .any(|b| b.contains(r"before\u0000after")));
+    }
 }

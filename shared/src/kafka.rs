@@ -135,15 +135,18 @@ pub async fn ensure_topics(
     timeout: Duration,
 ) -> Result<(), TopicError> {
     let admin: AdminClient<DefaultClientContext> = settings.client_config().create()?;
-    let existing: Vec<String> = {
-        let metadata = admin.inner().fetch_metadata(None, timeout)?;
-        metadata
-            .topics()
-            .iter()
-            .filter(|t| t.error().is_none())
-            .map(|t| t.name().to_owned())
-            .collect()
-    };
+    let metadata = admin.inner().fetch_metadata(None, timeout)?;
+    let existing: Vec<String> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none())
+        .map(|t| t.name().to_owned())
+        .collect();
+    // The broker that answered, or (answered by a bootstrap address, id unknown) any listed one.
+    let answering_broker = Some(metadata.orig_broker_id())
+        .filter(|id| *id >= 0)
+        .or_else(|| metadata.brokers().first().map(|b| b.id()));
+    drop(metadata);
     let new_topics: Vec<NewTopic<'_>> = topics
         .iter()
         .filter(|t| !existing.contains(&t.name))
@@ -165,7 +168,7 @@ pub async fn ensure_topics(
             })
         })
         .collect();
-    limits::check_topics(&admin, &required, timeout).await?;
+    limits::check_topics(&admin, answering_broker, &required, timeout).await?;
     if new_topics.is_empty() {
         return Ok(());
     }

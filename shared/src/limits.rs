@@ -87,8 +87,14 @@ pub struct RecordLimit<'a> {
 /// `message.max.bytes` it inherits) and refuses one that is smaller than required. A cluster
 /// that does not let this client describe configs is not refused: the limit is then unknown,
 /// and a warning says so.
+///
+/// The request goes to `broker` (one that just answered a metadata request) when given, not to
+/// the controller, which librdkafka picks by default: any broker describes a topic's configs,
+/// and a cluster whose controller is unknown to the client (librdkafka's mock cluster always,
+/// a real one during an election) would otherwise hold start-up for the whole `timeout`.
 pub async fn check_topics<C: ClientContext + 'static>(
     admin: &AdminClient<C>,
+    broker: Option<i32>,
     limits: &[RecordLimit<'_>],
     timeout: Duration,
 ) -> Result<(), TopicTooSmall> {
@@ -99,7 +105,9 @@ pub async fn check_topics<C: ClientContext + 'static>(
         .iter()
         .map(|l| ResourceSpecifier::Topic(l.topic))
         .collect();
-    let options = AdminOptions::new().request_timeout(Some(timeout));
+    let options = AdminOptions::new()
+        .request_timeout(Some(timeout))
+        .broker_id(broker);
     let results = match admin.describe_configs(&resources, &options).await {
         Ok(results) => results,
         Err(e) => {
