@@ -8,7 +8,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::isolation::apply_isolating;
 use crate::metrics::Metrics;
-use crate::store::{BatchContext, BatchMode, InputRecord};
+use crate::store::{BatchContext, BatchMode, DecodedRecord, InputRecord};
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RedriveReport {
@@ -62,12 +62,14 @@ pub async fn redrive(
     if pending.is_empty() {
         return Ok(report);
     }
-    let records: Vec<InputRecord> = pending
+    let records: Vec<DecodedRecord> = pending
         .iter()
-        .map(|dead| InputRecord {
-            partition: dead.partition,
-            offset: dead.offset,
-            payload: Some(dead.payload.clone()),
+        .map(|dead| {
+            DecodedRecord::new(InputRecord {
+                partition: dead.partition,
+                offset: dead.offset,
+                payload: Some(dead.payload.clone()),
+            })
         })
         .collect();
     let no_gaps = HashSet::new();
