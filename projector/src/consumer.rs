@@ -554,8 +554,8 @@ impl ConsumeLoop {
         if outcome.replayed > 0 {
             self.metrics.duplicates.add("offset", outcome.replayed);
         }
-        if outcome.dead_letters > 0 {
-            self.metrics.dead_letters.add("all", outcome.dead_letters);
+        for (reason, n) in &outcome.dead_letter_reasons {
+            self.metrics.dead_lettered(reason, *n);
         }
         if outcome.changes > 0 {
             self.metrics

@@ -127,6 +127,7 @@ impl BatchOutcome {
             duplicates,
             replayed,
             dead_letters,
+            dead_letter_reasons,
             changes,
             gaps,
             next_offsets,
@@ -145,6 +146,9 @@ impl BatchOutcome {
         self.duplicates += duplicates;
         self.replayed += replayed;
         self.dead_letters += dead_letters;
+        for (reason, n) in dead_letter_reasons {
+            *self.dead_letter_reasons.entry(reason).or_default() += n;
+        }
         self.changes += changes;
         for (partition, next) in gaps {
             if !self.gaps.iter().any(|(p, _)| *p == partition) {
@@ -184,11 +188,18 @@ mod tests {
             ..Default::default()
         };
         later.events_by_type.insert("invoice.paid".into(), 3);
+        total.dead_letter_reasons.insert("empty_record", 2);
+        later.dead_letter_reasons.insert("database_rejected", 1);
+        later.dead_letter_reasons.insert("empty_record", 1);
 
         total.absorb(later);
 
         assert_eq!(total.duplicates, 3);
         assert_eq!(total.dead_letters, 1);
+        assert_eq!(
+            total.dead_letter_reasons,
+            [("database_rejected", 1), ("empty_record", 3)].into()
+        );
         assert_eq!(total.events_by_type["invoice.paid"], 5);
         assert_eq!(total.next_offsets, [(0, 9), (1, 3), (2, 1)]);
         assert_eq!(total.gaps, [(2, 7)]);

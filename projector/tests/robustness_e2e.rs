@@ -254,7 +254,11 @@ async fn a_record_postgres_refuses_becomes_a_dead_letter_with_its_sqlstate_and_i
     assert_eq!(header(&published[0], "dlq-sqlstate"), Some("23514"));
     assert!(metric(&pipeline, "projector_batch_failures_total{kind=\"data\"}").await >= 2.0);
     assert_eq!(
-        metric(&pipeline, "projector_dead_letters_total{reason=\"all\"}").await,
+        metric(
+            &pipeline,
+            "projector_dead_letters_total{reason=\"database_rejected\"}"
+        )
+        .await,
         1.0
     );
 }

@@ -79,6 +79,9 @@ pub struct BatchOutcome {
     /// Records below the stored offset (re-deliveries after a rebalance or restart).
     pub replayed: u64,
     pub dead_letters: u64,
+    /// The same records by their stable reason code (`dead_letters.reason`, the DLQ's
+    /// `dlq-reason`), for `projector_dead_letters_total{reason}`.
+    pub dead_letter_reasons: BTreeMap<&'static str, u64>,
     /// Change messages written to the outbox.
     pub changes: u64,
     /// Partitions whose stored offset is ahead of this batch's first record: the consumer must
@@ -216,6 +219,12 @@ pub async fn apply_batch<R: BatchRecord>(
 
     // 7. Dead letters: kept in a table for redrive and published to the DLQ topic.
     outcome.dead_letters = dead.len() as u64;
+    for letter in &dead {
+        *outcome
+            .dead_letter_reasons
+            .entry(letter.reason)
+            .or_default() += 1;
+    }
     outcome.dead_positions = dead
         .iter()
         .map(|d| (d.record.partition, d.record.offset))

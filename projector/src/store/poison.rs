@@ -67,6 +67,7 @@ pub async fn dead_letter_rejected(
     outcome.next_offsets = next.into_iter().collect();
     tx.commit().await?;
     outcome.dead_letters = 1;
+    outcome.dead_letter_reasons.insert(DATABASE_REJECTED, 1);
     outcome.dead_positions = vec![(record.partition, record.offset)];
     Ok(outcome)
 }
