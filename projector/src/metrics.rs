@@ -1,8 +1,9 @@
 //! The projector's metrics: events by type, duplicates, dead letters, lag, batch latency.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -23,8 +24,9 @@ pub struct Metrics {
     pub published: CounterVec,
     /// Outbox rows the broker can never take (too large, invalid), set aside by reason.
     pub parked: CounterVec,
-    /// Whether this instance holds the relay leader lock and so relays the outbox.
-    pub relay_leader: Arc<AtomicBool>,
+    /// Whether this instance holds the relay leader lock and so relays the outbox, as last
+    /// confirmed by the lock connection.
+    pub relay_leader: Arc<LeaderLease>,
     /// Offset gaps accepted because retention removed the records, by partition.
     pub offset_gaps: CounterVec,
     /// Failed batch transactions: `transient` (retried) or `data` (the batch was bisected).
@@ -134,17 +136,58 @@ impl Metrics {
     }
 }
 
+/// The relay lead as a scrape reports it: held until a moment that each confirmation of the lock
+/// moves on. A leader whose confirmations stop (its lock session was cut, the process is
+/// starved) stops reporting the lead when the last one runs out, even before its own heartbeat
+/// notices.
+#[derive(Debug)]
+pub struct LeaderLease {
+    epoch: Instant,
+    /// Milliseconds since `epoch` until which the lead counts; 0 while not leading.
+    until_ms: AtomicU64,
+}
+
+impl Default for LeaderLease {
+    fn default() -> Self {
+        LeaderLease {
+            epoch: Instant::now(),
+            until_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl LeaderLease {
+    /// The lock was just confirmed: the lead counts for `valid_for` more.
+    pub fn confirm(&self, valid_for: Duration) {
+        let until = self.now_ms().saturating_add(valid_for.as_millis() as u64);
+        self.until_ms.store(until.max(1), Ordering::Relaxed);
+    }
+
+    /// The lead ended.
+    pub fn end(&self) {
+        self.until_ms.store(0, Ordering::Relaxed);
+    }
+
+    pub fn holds(&self) -> bool {
+        self.now_ms() < self.until_ms.load(Ordering::Relaxed)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+}
+
 /// Values other tasks keep (the relay's leadership, the lag watcher's last reading), read at
 /// each scrape rather than copied into gauges as they change.
 #[derive(Debug, Clone, Default)]
 struct Sampled {
-    relay_leader: Arc<AtomicBool>,
+    relay_leader: Arc<LeaderLease>,
     lag: Arc<Mutex<BTreeMap<i32, i64>>>,
 }
 
 impl Collector for Sampled {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let leader = ConstGauge::new(i64::from(self.relay_leader.load(Ordering::Relaxed)));
+        let leader = ConstGauge::new(i64::from(self.relay_leader.holds()));
         leader.encode(encoder.encode_descriptor(
             "projector_relay_leader",
             "1 while this instance is the one relaying the outbox, else 0.",
@@ -178,6 +221,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_relay_lead_counts_only_while_recently_confirmed() {
+        let lease = LeaderLease::default();
+        assert!(!lease.holds(), "no lead before a confirmation");
+        lease.confirm(Duration::from_secs(60));
+        assert!(lease.holds());
+        lease.end();
+        assert!(!lease.holds());
+        lease.confirm(Duration::ZERO);
+        assert!(!lease.holds(), "a confirmation that has run out is no lead");
+    }
+
+    #[test]
     fn every_family_of_the_spec_is_rendered_with_help_and_type() {
         // Arrange: a family is rendered once it has a sample.
         let metrics = Metrics::default();
@@ -194,7 +249,7 @@ mod tests {
         metrics.offset_gaps.inc("0");
         metrics.batch_failures.inc("transient");
         metrics.batch_latency.observe(0.02);
-        metrics.relay_leader.store(true, Ordering::Relaxed);
+        metrics.relay_leader.confirm(Duration::from_secs(60));
         *metrics.lag.lock().unwrap() = BTreeMap::from([(0, 3), (1, 4)]);
 
         // Act

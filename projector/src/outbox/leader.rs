@@ -20,11 +20,10 @@ pub const FOLLOWER_RETRY: Duration = Duration::from_secs(1);
 pub const HEARTBEAT: Duration = Duration::from_millis(500);
 /// A ping slower than this counts as a lost connection.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a leader may go on believing it leads after its lock session ended: until its next
-/// heartbeat, plus that ping's timeout. An instance that takes the lock from another waits this
-/// long before it relays (see `Relay::run`), so that the two never relay, or report leading, at
-/// once.
-pub const HANDOVER: Duration = HEARTBEAT.saturating_add(PING_TIMEOUT);
+/// How long one confirmation of the lock counts for the `projector_relay_leader` gauge: two
+/// heartbeats, so that a leader that stops confirming (cut off, starved) stops reporting the lead
+/// within a second even before its heartbeat notices.
+pub const CONFIRMED_FOR: Duration = HEARTBEAT.saturating_mul(2);
 /// `application_name` of the lock connection, so operators find the leader in
 /// `pg_stat_activity`.
 const APPLICATION_NAME: &str = "projector-relay-leader";
@@ -107,15 +106,16 @@ impl LeaderLock {
     }
 
     /// Resolves when the lock can no longer be trusted: the lock connection failed or was too
-    /// slow to answer a ping. Afterwards the instance is a follower again.
-    pub async fn lost(&mut self) {
+    /// slow to answer a ping. Afterwards the instance is a follower again. `alive` runs after
+    /// each ping that succeeded.
+    pub async fn lost(&mut self, alive: impl Fn()) {
         loop {
             tokio::time::sleep(HEARTBEAT).await;
             let Some(connection) = self.connection.as_mut() else {
                 return;
             };
             match tokio::time::timeout(PING_TIMEOUT, connection.ping()).await {
-                Ok(Ok(())) => {}
+                Ok(Ok(())) => alive(),
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "the relay lock connection failed");
                     break;

@@ -10,7 +10,6 @@
 
 mod leader;
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +22,7 @@ use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 use crate::store::RELAY_LEADER_LOCK;
-pub use leader::{LeaderLock, FOLLOWER_RETRY, HANDOVER, HEARTBEAT};
+pub use leader::{LeaderLock, CONFIRMED_FOR, FOLLOWER_RETRY, HEARTBEAT};
 
 /// Rows published per round.
 const BATCH: i64 = 1000;
@@ -91,9 +90,6 @@ impl Relay {
     /// the leader drains what is pending once more, then releases the lock for the next one.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut lock = LeaderLock::new(&self.pool);
-        // Whether another instance may have led until a moment ago: then it may not have noticed
-        // yet that its lock is gone.
-        let mut taking_over = false;
         loop {
             if *shutdown.borrow() {
                 break;
@@ -101,14 +97,12 @@ impl Relay {
             match lock.try_acquire().await {
                 Ok(true) => {}
                 Ok(false) => {
-                    taking_over = true;
                     if stopped_within(&mut shutdown, FOLLOWER_RETRY).await {
                         break;
                     }
                     continue;
                 }
                 Err(e) => {
-                    taking_over = true;
                     tracing::warn!(error = %e, "cannot reach Postgres for the relay lock");
                     if stopped_within(&mut shutdown, FOLLOWER_RETRY).await {
                         break;
@@ -119,39 +113,22 @@ impl Relay {
             let Some(holder) = lock.holder() else {
                 continue;
             };
-            if taking_over {
-                // The previous leader stops relaying at its next heartbeat at the latest (the
-                // fencing in `publish_round` covers one that is frozen): wait that out first.
-                let handover = tokio::select! {
-                    stopped = stopped_within(&mut shutdown, HANDOVER) => Some(stopped),
-                    () = lock.lost() => None,
-                };
-                match handover {
-                    Some(true) => {
-                        lock.release().await;
-                        break;
-                    }
-                    Some(false) => {}
-                    None => continue,
-                }
-            }
-            self.metrics.relay_leader.store(true, Ordering::Relaxed);
+            self.metrics.relay_leader.confirm(CONFIRMED_FOR);
             tracing::info!(
                 lock_session = holder,
                 "this instance leads the outbox relay"
             );
             let end = tokio::select! {
                 () = self.lead(holder, &mut shutdown) => TermEnd::Stopped,
-                () = lock.lost() => TermEnd::LostLock,
+                () = lock.lost(|| self.metrics.relay_leader.confirm(CONFIRMED_FOR)) => TermEnd::LostLock,
             };
-            self.metrics.relay_leader.store(false, Ordering::Relaxed);
+            self.metrics.relay_leader.end();
             match end {
                 TermEnd::Stopped => {
                     lock.release().await;
                     break;
                 }
                 TermEnd::LostLock => {
-                    taking_over = true;
                     // Another instance may lead by now: what this one still holds must not
                     // reach the topic after the new leader's messages. The new leader
                     // publishes every unmarked row again.
