@@ -160,7 +160,7 @@ impl LeaderLease {
     /// The lock was just confirmed: the lead counts for `valid_for` more.
     pub fn confirm(&self, valid_for: Duration) {
         let until = self.now_ms().saturating_add(valid_for.as_millis() as u64);
-        self.until_ms.store(until.max(1), Ordering::Relaxed);
+        self.until_ms.store(until, Ordering::Relaxed);
     }
 
     /// The lead ended.
