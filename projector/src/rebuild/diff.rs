@@ -18,7 +18,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use shared::Cause;
 
-use crate::projection::{change, change_message, CustomerKey, FeatureDiff};
+use crate::projection::{change, change_message, CustomerKey};
 
 use super::{Difference, RebuildError};
 
@@ -289,14 +289,13 @@ async fn write_messages(
             ));
             pending.payload.push(serde_json::to_vec(&message)?);
             if reported.len() < max_reported {
-                let diff = FeatureDiff::between(before, &features);
                 reported.push(Difference {
                     account: (!account.is_empty()).then(|| account.clone()),
                     customer: customer.clone(),
                     features_before,
                     features_after: features,
-                    added: diff.added,
-                    removed: diff.removed,
+                    added: message.added.clone(),
+                    removed: message.removed.clone(),
                     version,
                 });
             }
