@@ -470,37 +470,6 @@ impl Chaos {
     }
 }
 
-/// Polls until the stored offsets of the database cover `records` and its outbox is published.
-async fn settle(database_url: &str, topic: &str, records: u64) {
-    let deadline = Instant::now() + SETTLE_DEADLINE;
-    loop {
-        if let Ok(mut db) = PgConnection::connect(database_url).await {
-            let applied: Option<i64> = sqlx::query_scalar(
-                "SELECT sum(next_offset)::int8 FROM consumer_offsets WHERE topic = $1",
-            )
-            .bind(topic)
-            .fetch_one(&mut db)
-            .await
-            .unwrap_or(None);
-            let pending: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM outbox WHERE published_at IS NULL AND parked_at IS NULL",
-            )
-            .fetch_one(&mut db)
-            .await
-            .unwrap_or(1);
-            if applied.unwrap_or(0) as u64 >= records && pending == 0 {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "not settled: applied {applied:?} of {records} records, {pending} outbox rows pending"
-            );
-        }
-        assert!(Instant::now() < deadline, "Postgres unreachable at settle");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn projections_at(database_url: &str) -> BTreeMap<&'static str, Vec<Value>> {
     let mut db = PgConnection::connect(database_url).await.expect("connect");
     let mut tables = BTreeMap::new();
@@ -828,7 +797,13 @@ async fn chaos() {
     }
     check_acknowledged_logged(&delivery.acknowledged, &logged, &mut mismatches);
     let records = log.len() as u64;
-    settle(&pipeline.database_url, &pipeline.events_topic, records).await;
+    settle_database(
+        &pipeline.database_url,
+        &pipeline.events_topic,
+        records,
+        SETTLE_DEADLINE,
+    )
+    .await;
 
     // The oracle: a projector that never saw a fault, on a fresh database and group, consuming
     // the same log. It sees exactly the records the chaos run saw (redeliveries, and appends
@@ -865,7 +840,13 @@ async fn chaos() {
         &oracle_env,
         "projector listening",
     );
-    settle(&oracle_url, &pipeline.events_topic, records).await;
+    settle_database(
+        &oracle_url,
+        &pipeline.events_topic,
+        records,
+        SETTLE_DEADLINE,
+    )
+    .await;
     let projected = projections_at(&pipeline.database_url).await;
     // Two empty projections would compare equal: every customer must be there.
     if projected["customers"].len() != workload.customers.len() {

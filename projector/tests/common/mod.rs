@@ -279,32 +279,13 @@ impl Pipeline {
     /// Barrier: every appended record is applied (stored offsets cover the log) and every
     /// outbox row is published. Polls with a deadline; no sleeps as synchronisation.
     pub async fn settle(&self) {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        let mut db = self.db().await;
-        loop {
-            let applied: Option<i64> = sqlx::query_scalar(
-                "SELECT sum(next_offset)::int8 FROM consumer_offsets WHERE topic = $1",
-            )
-            .bind(&self.events_topic)
-            .fetch_one(&mut db)
-            .await
-            .unwrap_or(None);
-            let pending: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM outbox WHERE published_at IS NULL AND parked_at IS NULL",
-            )
-            .fetch_one(&mut db)
-            .await
-            .unwrap_or(1);
-            if applied.unwrap_or(0) as u64 >= self.appended && pending == 0 {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "not settled within 90 s: applied {applied:?} of {} records, {pending} outbox rows pending",
-                self.appended
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        settle_database(
+            &self.database_url,
+            &self.events_topic,
+            self.appended,
+            Duration::from_secs(90),
+        )
+        .await;
     }
 
     /// GET an API path with the token; returns status and JSON body.
@@ -456,4 +437,40 @@ pub async fn applied_records(db: &mut PgConnection, topic: &str) -> u64 {
             .await
             .unwrap();
     applied.unwrap_or(0) as u64
+}
+
+/// Polls until the stored offsets in `database_url` cover `records` records of `topic` and its
+/// outbox is published. A database that does not answer (restarting, in the chaos test) is
+/// polled again until `within` runs out.
+pub async fn settle_database(database_url: &str, topic: &str, records: u64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(mut db) = PgConnection::connect(database_url).await {
+            let applied: Option<i64> = sqlx::query_scalar(
+                "SELECT sum(next_offset)::int8 FROM consumer_offsets WHERE topic = $1",
+            )
+            .bind(topic)
+            .fetch_one(&mut db)
+            .await
+            .unwrap_or(None);
+            let pending: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM outbox WHERE published_at IS NULL AND parked_at IS NULL",
+            )
+            .fetch_one(&mut db)
+            .await
+            .unwrap_or(1);
+            if applied.unwrap_or(0) as u64 >= records && pending == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not settled within {within:?}: applied {applied:?} of {records} records, {pending} outbox rows pending"
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Postgres unreachable while settling"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
