@@ -1,4 +1,5 @@
-//! The read API contract (SPEC §8) of the real `projector run`, fed through the real `ingest`.
+//! The read API contract (SPEC §8) of the projector's application (in process, `TestApp`),
+//! fed through the real `ingest`; the start-up refusals run the real binary.
 
 mod common;
 
@@ -71,7 +72,7 @@ fn subscribed_customer_events(customer_id: &str) -> Vec<String> {
 #[tokio::test]
 async fn requests_without_or_with_a_wrong_token_are_401_with_www_authenticate() {
     // Arrange
-    let mut pipeline = Pipeline::start(Options::default()).await;
+    let mut pipeline = Pipeline::in_process(Options::default()).await;
     pipeline
         .send(
             &Event::new(
@@ -136,7 +137,7 @@ async fn requests_without_or_with_a_wrong_token_are_401_with_www_authenticate() 
 
 #[tokio::test]
 async fn never_seen_customer_is_404_not_found() {
-    let pipeline = Pipeline::start(Options::default()).await;
+    let pipeline = Pipeline::in_process(Options::default()).await;
 
     let (status, body) = pipeline.get("/v1/customers/cus_never/entitlements").await;
     let (feature_status, feature_body) = pipeline
@@ -152,7 +153,7 @@ async fn never_seen_customer_is_404_not_found() {
 #[tokio::test]
 async fn customer_known_only_from_customer_created_is_200_with_no_features() {
     // Arrange
-    let mut pipeline = Pipeline::start(Options::default()).await;
+    let mut pipeline = Pipeline::in_process(Options::default()).await;
 
     // Act
     pipeline
@@ -193,7 +194,7 @@ async fn customer_known_only_from_customer_created_is_200_with_no_features() {
 #[tokio::test]
 async fn feature_endpoint_answers_granted_true_or_false() {
     // Arrange
-    let mut pipeline = Pipeline::start(Options::default()).await;
+    let mut pipeline = Pipeline::in_process(Options::default()).await;
     pipeline
         .send_all(&subscribed_customer_events("cus_feat"))
         .await;
@@ -218,7 +219,7 @@ async fn feature_endpoint_answers_granted_true_or_false() {
 async fn account_parameter_selects_the_connect_accounts_customer() {
     // Arrange: the same customer id on the platform (no subscription) and on a Connect account
     // (an active pro subscription).
-    let mut pipeline = Pipeline::start(Options::default()).await;
+    let mut pipeline = Pipeline::in_process(Options::default()).await;
     pipeline
         .send_all(&[
             Event::new(
@@ -277,7 +278,7 @@ async fn account_parameter_selects_the_connect_accounts_customer() {
 #[tokio::test]
 async fn lookup_by_client_reference_id_answers_the_customers_object_404_or_400() {
     // Arrange
-    let mut pipeline = Pipeline::start(Options::default()).await;
+    let mut pipeline = Pipeline::in_process(Options::default()).await;
     pipeline
         .send_all(&subscribed_customer_events("cus_ref"))
         .await;
@@ -307,7 +308,7 @@ async fn lookup_by_client_reference_id_answers_the_customers_object_404_or_400()
 #[tokio::test]
 async fn health_readiness_and_metrics_are_served_without_leaking_the_token() {
     // Arrange
-    let mut pipeline = Pipeline::start(Options::default()).await;
+    let mut pipeline = Pipeline::in_process(Options::default()).await;
     pipeline
         .send_all(&subscribed_customer_events("cus_obs"))
         .await;

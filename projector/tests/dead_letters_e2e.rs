@@ -1,7 +1,8 @@
-//! Poison events through both real binaries: what the projector cannot use goes to the
-//! `dead_letters` table and the DLQ topic with its exact bytes while the partition keeps
-//! flowing; `projector redrive` re-applies dead letters; unknown types and thin events are
-//! counted and ignored, not dead-lettered.
+//! Poison events through the real `ingest` and the projector's application (in process;
+//! `redrive` is the real binary): what the projector cannot use goes to the `dead_letters` table
+//! and the DLQ topic with its exact bytes while the partition keeps flowing; `projector redrive`
+//! re-applies dead letters; unknown types and thin events are counted and ignored, not
+//! dead-lettered.
 
 mod common;
 
@@ -124,7 +125,7 @@ fn redrive_stdout(output: &std::process::Output) -> String {
 async fn malformed_subscription_updates_are_dead_lettered_with_their_exact_bytes_while_later_events_apply(
 ) {
     // Arrange: poison in the middle of one customer's events (same key, same partition).
-    let mut pipeline = Pipeline::start(Options::default()).await;
+    let mut pipeline = Pipeline::in_process(Options::default()).await;
     let poison_status = update_without_status("evt_dl_3", "sub_dl", "cus_dl", T0 + 20);
     let poison_items = update_with_string_items("evt_dl_4", "sub_dl", "cus_dl", T0 + 30);
     let bodies = [
@@ -223,7 +224,7 @@ async fn malformed_subscription_updates_are_dead_lettered_with_their_exact_bytes
 #[tokio::test]
 async fn redrive_of_a_still_malformed_event_reports_it_failing_with_exit_code_1() {
     // Arrange
-    let mut pipeline = Pipeline::start(Options::default()).await;
+    let mut pipeline = Pipeline::in_process(Options::default()).await;
     pipeline
         .send_all(&[
             Event::new(
@@ -273,7 +274,7 @@ async fn redrive_of_a_still_malformed_event_reports_it_failing_with_exit_code_1(
 async fn redrive_applies_a_dead_letter_the_current_code_accepts_and_marks_it_redriven_once() {
     // Arrange: a known customer, and a dead letter of a valid event, as an older projector
     // version that rejected this shape would have recorded it.
-    let mut pipeline = Pipeline::start(Options::default()).await;
+    let mut pipeline = Pipeline::in_process(Options::default()).await;
     pipeline
         .send(
             &Event::new(
@@ -359,7 +360,7 @@ async fn redrive_applies_a_dead_letter_the_current_code_accepts_and_marks_it_red
 #[tokio::test]
 async fn unknown_event_type_is_counted_and_ignored_not_dead_lettered() {
     // Arrange
-    let mut pipeline = Pipeline::start(Options::default()).await;
+    let mut pipeline = Pipeline::in_process(Options::default()).await;
     let payment_intent = json!({
         "id": "pi_unknown", "object": "payment_intent", "customer": "cus_pi", "amount": 2000,
         "currency": "usd", "status": "requires_payment_method", "livemode": false
@@ -391,7 +392,7 @@ async fn unknown_event_type_is_counted_and_ignored_not_dead_lettered() {
 async fn thin_event_is_counted_not_dead_lettered_and_its_partition_flows_on() {
     // Arrange: a thin event about a customer (so keyed, and partitioned, by that customer),
     // then a backfill snapshot and an older webhook of the same customer behind it.
-    let mut pipeline = Pipeline::start(Options::default()).await;
+    let mut pipeline = Pipeline::in_process(Options::default()).await;
     let thin = json!({
         "id": "evt_test_thin_1",
         "object": "v2.core.event",

@@ -1,6 +1,6 @@
 //! Subscription lifecycles end to end (SPEC §6–§9): Stripe events signed and POSTed to the real
-//! `ingest`, projected by the real `projector`, observed through the read API, the projection
-//! tables and the `entitlements.changes` topic.
+//! `ingest`, projected by the projector's application (in process), observed through the read
+//! API, the projection tables and the `entitlements.changes` topic.
 //!
 //! Each scenario is a function returning its events in the order Stripe created them. A test
 //! delivers them in that order to one pipeline, one event at a time (each applied before the
@@ -1349,7 +1349,7 @@ async fn legacy_and_basil_api_shapes_project_the_same_lifecycle_identically() {
     let basil_events = renewal_events(true);
     let legacy_events = renewal_events(false);
     let mut run = Scenario::start(Options::default()).await;
-    let mut basil = Pipeline::start(Options::default()).await;
+    let mut basil = Pipeline::in_process(Options::default()).await;
 
     let legacy_changes = run.deliver(&legacy_events).await;
     let basil_changes = deliver_each(&mut basil, &mut BTreeMap::new(), &basil_events).await;
@@ -1497,8 +1497,8 @@ struct Scenario {
 
 impl Scenario {
     async fn start(options: Options) -> Scenario {
-        let in_order = Pipeline::start(options.clone()).await;
-        let shuffled = Pipeline::start(options).await;
+        let in_order = Pipeline::in_process(options.clone()).await;
+        let shuffled = Pipeline::in_process(options).await;
         Scenario {
             in_order,
             shuffled,

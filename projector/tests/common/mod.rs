@@ -3,6 +3,7 @@
 // Each test binary uses a part of it.
 #![allow(dead_code, unused_imports)]
 
+pub mod app;
 pub mod events;
 
 use std::collections::BTreeMap;
@@ -114,10 +115,16 @@ impl Options {
     }
 }
 
+pub use app::TestApp;
+
 /// Ingest + projector with their own topics, group and database (dropped with the pipeline).
+/// The projector is the `projector run` binary ([`Pipeline::start`]) or the same application
+/// inside the test process ([`Pipeline::in_process`]).
 pub struct Pipeline {
     pub ingest: Service,
     pub projector: Option<Service>,
+    /// The in-process projector of [`Pipeline::in_process`].
+    pub app: Option<TestApp>,
     pub events_topic: String,
     pub changes_topic: String,
     pub dlq_topic: String,
@@ -133,7 +140,22 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// With the `projector run` binary: for tests of the process (crash, signals, CLI, chaos).
     pub async fn start(options: Options) -> Pipeline {
+        let mut pipeline = Pipeline::without_projector(options).await;
+        pipeline.start_projector();
+        pipeline
+    }
+
+    /// With the projector's [`TestApp`] in this process: for tests of what it serves and
+    /// projects, where a real process is not the point.
+    pub async fn in_process(options: Options) -> Pipeline {
+        let mut pipeline = Pipeline::without_projector(options).await;
+        pipeline.app = Some(TestApp::start(&pipeline.projector_env()));
+        pipeline
+    }
+
+    async fn without_projector(options: Options) -> Pipeline {
         let name = unique("e2e");
         let database = TestDatabase::create(&options.endpoints.admin_database_url).await;
         let entitlements_path = std::env::temp_dir().join(format!("{name}.toml"));
@@ -142,9 +164,10 @@ impl Pipeline {
         let changes_topic = format!("{name}.changes");
         let dlq_topic = format!("{name}.dlq");
         let ingest = spawn_ingest(&options.endpoints.kafka_env, &events_topic, &dlq_topic);
-        let mut pipeline = Pipeline {
+        Pipeline {
             ingest,
             projector: None,
+            app: None,
             events_topic,
             changes_topic,
             dlq_topic,
@@ -155,9 +178,7 @@ impl Pipeline {
             client: reqwest::Client::new(),
             appended: 0,
             database,
-        };
-        pipeline.start_projector();
-        pipeline
+        }
     }
 
     /// Starts ingest again on the same topics (after `ingest.kill()`, or to restart it); the
@@ -219,7 +240,10 @@ impl Pipeline {
     }
 
     pub fn start_projector(&mut self) {
-        assert!(self.projector.is_none(), "projector already running");
+        assert!(
+            self.projector.is_none() && self.app.is_none(),
+            "projector already running"
+        );
         self.projector = Some(self.spawn_projector());
     }
 
@@ -249,10 +273,11 @@ impl Pipeline {
     }
 
     pub fn api_url(&self, path: &str) -> String {
-        self.projector
-            .as_ref()
-            .expect("projector running")
-            .url(path)
+        match (&self.projector, &self.app) {
+            (Some(service), _) => service.url(path),
+            (None, Some(app)) => app.url(path),
+            (None, None) => panic!("no projector running"),
+        }
     }
 
     /// Signs and POSTs one event body; asserts 200.
