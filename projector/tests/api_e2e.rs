@@ -10,10 +10,6 @@ use serde_json::{json, Value};
 use common::events::*;
 use common::*;
 
-const T0: i64 = 1_767_225_600;
-const MONTH: i64 = 2_592_000;
-const PRO: Item<'static> = ("price_pro_month", "prod_pro", None);
-
 /// GET without any token, or with the given `Authorization` header value.
 async fn get_with_authorization(
     pipeline: &Pipeline,
@@ -30,13 +26,7 @@ async fn get_with_authorization(
 /// A customer with an active `prod_pro` subscription, linked to `user_42` by Checkout.
 fn subscribed_customer_events(customer_id: &str) -> Vec<String> {
     vec![
-        Event::new(
-            &format!("evt_{customer_id}_1"),
-            "customer.created",
-            T0,
-            customer(customer_id, false),
-        )
-        .body(),
+        customer_created(&format!("evt_{customer_id}_1"), T0, customer_id),
         Event::new(
             &format!("evt_{customer_id}_2"),
             "checkout.session.completed",
@@ -74,15 +64,7 @@ async fn requests_without_or_with_a_wrong_token_are_401_with_www_authenticate() 
     // Arrange
     let mut pipeline = Pipeline::in_process(Options::default()).await;
     pipeline
-        .send(
-            &Event::new(
-                "evt_auth_1",
-                "customer.created",
-                T0,
-                customer("cus_auth", false),
-            )
-            .body(),
-        )
+        .send(&customer_created("evt_auth_1", T0, "cus_auth"))
         .await;
     pipeline.settle().await;
     let wrong_same_length = format!("Bearer {}", "x".repeat(TOKEN.len()));
@@ -157,15 +139,7 @@ async fn customer_known_only_from_customer_created_is_200_with_no_features() {
 
     // Act
     pipeline
-        .send(
-            &Event::new(
-                "evt_only_1",
-                "customer.created",
-                T0,
-                customer("cus_only", false),
-            )
-            .body(),
-        )
+        .send(&customer_created("evt_only_1", T0, "cus_only"))
         .await;
     pipeline.settle().await;
 
@@ -222,13 +196,7 @@ async fn account_parameter_selects_the_connect_accounts_customer() {
     let mut pipeline = Pipeline::in_process(Options::default()).await;
     pipeline
         .send_all(&[
-            Event::new(
-                "evt_pf_1",
-                "customer.created",
-                T0,
-                customer("cus_same", false),
-            )
-            .body(),
+            customer_created("evt_pf_1", T0, "cus_same"),
             Event::new(
                 "evt_ac_1",
                 "customer.created",

@@ -17,10 +17,6 @@ use sqlx::Row;
 use common::events::*;
 use common::*;
 
-const T0: i64 = 1_767_225_600;
-const MONTH: i64 = 2_592_000;
-const PRO: Item<'static> = ("price_pro_month", "prod_pro", None);
-
 fn subscription_created(n: usize, customer: &str) -> String {
     Event::new(
         &format!("evt_rb_sub_{n}"),
@@ -151,13 +147,7 @@ async fn a_record_postgres_refuses_becomes_a_dead_letter_with_its_sqlstate_and_i
     refused["email"] = json!("refused@example.com");
     let poison = Event::new("evt_pg_2", "customer.updated", T0 + 10, refused).body();
     let mut bodies = vec![
-        Event::new(
-            "evt_pg_1",
-            "customer.created",
-            T0,
-            customer("cus_pg", false),
-        )
-        .body(),
+        customer_created("evt_pg_1", T0, "cus_pg"),
         poison.clone(),
         Event::new(
             "evt_pg_3",
@@ -518,15 +508,7 @@ async fn a_missing_table_is_retried_until_it_is_back_and_nothing_is_dead_lettere
 
     // Act: an event arrives while it is missing; then the table comes back.
     pipeline
-        .send(
-            &Event::new(
-                "evt_away_1",
-                "customer.created",
-                T0,
-                customer("cus_away", false),
-            )
-            .body(),
-        )
+        .send(&customer_created("evt_away_1", T0, "cus_away"))
         .await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while metric(

@@ -8,14 +8,9 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::events::{customer, subscription, with, Event, Item};
+use common::events::{customer, subscription, with, Event, Item, DAY, PRO, T0, TEAM};
 use common::{binary, unique, Endpoints, Options, Pipeline};
 use serde_json::json;
-
-const T0: i64 = 1_767_225_600;
-const DAY: i64 = 86_400;
-const PRO: Item<'static> = ("price_pro_month", "prod_pro", None);
-const TEAM: Item<'static> = ("price_team_month", "prod_team", None);
 
 /// How long a misconfigured service may take to give up (SPEC §12: "within seconds").
 const FAIL_FAST: Duration = Duration::from_secs(15);

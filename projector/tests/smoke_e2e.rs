@@ -11,13 +11,7 @@ async fn checkout_then_subscription_grants_features_visible_in_api_and_topic() {
     let t = 1_767_225_600;
     pipeline
         .send_all(&[
-            Event::new(
-                "evt_s1",
-                "customer.created",
-                t,
-                customer("cus_smoke", false),
-            )
-            .body(),
+            customer_created("evt_s1", t, "cus_smoke"),
             Event::new(
                 "evt_s2",
                 "checkout.session.completed",

@@ -5,6 +5,7 @@
 
 pub mod app;
 pub mod events;
+pub mod workload;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -116,6 +117,7 @@ impl Options {
 }
 
 pub use app::TestApp;
+use events::Event;
 
 /// Ingest + projector with their own topics, group and database (dropped with the pipeline).
 /// The projector is the `projector run` binary ([`Pipeline::start`]) or the same application
@@ -268,6 +270,18 @@ impl Pipeline {
         self.projector_cli(args).output().unwrap()
     }
 
+    /// Runs `projector redrive <args>`, then settles what it applied; asserts its exit status
+    /// and that stdout reports `summary` (`redriven: 1 applied, 0 still failing`). Returns stdout.
+    pub async fn redrive(&self, args: &[&str], exit: i32, summary: &str) -> String {
+        let output = self.projector_command(&[&["redrive"], args].concat());
+        self.settle().await;
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(exit), "{stdout} / {stderr}");
+        assert!(stdout.contains(summary), "{stdout} / {stderr}");
+        stdout
+    }
+
     pub fn ingest_url(&self) -> String {
         self.ingest.url("/webhooks/stripe")
     }
@@ -402,6 +416,49 @@ fn ingest_env(
 impl Drop for Pipeline {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.entitlements_path);
+    }
+}
+
+/// A customer as the read API and the change topic address it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CustomerRef {
+    pub account: Option<String>,
+    pub customer: String,
+}
+
+impl CustomerRef {
+    pub fn of(event: &Event) -> CustomerRef {
+        let object = &event.object;
+        let customer = if object["object"] == "customer" {
+            &object["id"]
+        } else {
+            &object["customer"]
+        };
+        CustomerRef {
+            account: event.account.clone(),
+            customer: customer
+                .as_str()
+                .unwrap_or_else(|| panic!("event {} names no customer", event.id))
+                .to_owned(),
+        }
+    }
+
+    /// The change topic's key (SPEC §9).
+    pub fn key(&self) -> String {
+        match &self.account {
+            Some(account) => format!("{account}/{}", self.customer),
+            None => self.customer.clone(),
+        }
+    }
+
+    pub fn path(&self) -> String {
+        match &self.account {
+            Some(account) => format!(
+                "/v1/customers/{}/entitlements?account={account}",
+                self.customer
+            ),
+            None => format!("/v1/customers/{}/entitlements", self.customer),
+        }
     }
 }
 
