@@ -6,6 +6,7 @@ mod common;
 use std::process::Command;
 
 use serde_json::{json, Value};
+use sqlx::Connection;
 
 use common::events::*;
 use common::*;
@@ -64,9 +65,8 @@ async fn requests_without_or_with_a_wrong_token_are_401_with_www_authenticate() 
     // Arrange
     let mut pipeline = Pipeline::in_process(Options::default()).await;
     pipeline
-        .send(&customer_created("evt_auth_1", T0, "cus_auth"))
+        .apply(&[customer_created("evt_auth_1", T0, "cus_auth")])
         .await;
-    pipeline.settle().await;
     let wrong_same_length = format!("Bearer {}", "x".repeat(TOKEN.len()));
     let token_as_basic = format!("Basic {TOKEN}");
     let token_with_suffix = format!("Bearer {TOKEN}0");
@@ -139,9 +139,8 @@ async fn customer_known_only_from_customer_created_is_200_with_no_features() {
 
     // Act
     pipeline
-        .send(&customer_created("evt_only_1", T0, "cus_only"))
+        .apply(&[customer_created("evt_only_1", T0, "cus_only")])
         .await;
-    pipeline.settle().await;
 
     // Assert
     let (status, view) = pipeline.get("/v1/customers/cus_only/entitlements").await;
@@ -170,9 +169,8 @@ async fn feature_endpoint_answers_granted_true_or_false() {
     // Arrange
     let mut pipeline = Pipeline::in_process(Options::default()).await;
     pipeline
-        .send_all(&subscribed_customer_events("cus_feat"))
+        .apply(&subscribed_customer_events("cus_feat"))
         .await;
-    pipeline.settle().await;
 
     // Act
     let (pro_status, pro) = pipeline
@@ -195,7 +193,7 @@ async fn account_parameter_selects_the_connect_accounts_customer() {
     // (an active pro subscription).
     let mut pipeline = Pipeline::in_process(Options::default()).await;
     pipeline
-        .send_all(&[
+        .apply(&[
             customer_created("evt_pf_1", T0, "cus_same"),
             Event::new(
                 "evt_ac_1",
@@ -215,7 +213,6 @@ async fn account_parameter_selects_the_connect_accounts_customer() {
             .body(),
         ])
         .await;
-    pipeline.settle().await;
 
     // Act
     let platform = pipeline.entitlements("cus_same", None).await;
@@ -247,10 +244,7 @@ async fn account_parameter_selects_the_connect_accounts_customer() {
 async fn lookup_by_client_reference_id_answers_the_customers_object_404_or_400() {
     // Arrange
     let mut pipeline = Pipeline::in_process(Options::default()).await;
-    pipeline
-        .send_all(&subscribed_customer_events("cus_ref"))
-        .await;
-    pipeline.settle().await;
+    pipeline.apply(&subscribed_customer_events("cus_ref")).await;
     let by_customer = pipeline.entitlements("cus_ref", None).await;
 
     // Act
@@ -277,31 +271,13 @@ async fn lookup_by_client_reference_id_answers_the_customers_object_404_or_400()
 async fn health_readiness_and_metrics_are_served_without_leaking_the_token() {
     // Arrange
     let mut pipeline = Pipeline::in_process(Options::default()).await;
-    pipeline
-        .send_all(&subscribed_customer_events("cus_obs"))
-        .await;
-    pipeline.settle().await;
+    pipeline.apply(&subscribed_customer_events("cus_obs")).await;
 
     // Act
-    let healthz = pipeline
-        .client
-        .get(pipeline.api_url("/healthz"))
-        .send()
-        .await
-        .unwrap();
-    let readyz = pipeline
-        .client
-        .get(pipeline.api_url("/readyz"))
-        .send()
-        .await
-        .unwrap();
-    let metrics = pipeline
-        .client
-        .get(pipeline.api_url("/metrics"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let healthz = get_with_authorization(&pipeline, "/healthz", None).await;
+    let readyz = get_with_authorization(&pipeline, "/readyz", None).await;
+    let bearer = format!("Bearer {TOKEN}");
+    let metrics = get_with_authorization(&pipeline, "/metrics", Some(&bearer)).await;
 
     // Assert
     assert_eq!(healthz.status(), 200);
@@ -342,6 +318,37 @@ async fn health_readiness_and_metrics_are_served_without_leaking_the_token() {
         !text.contains(&pipeline.database_url),
         "the database URL appears in /metrics"
     );
+}
+
+#[tokio::test]
+async fn the_in_process_projector_stops_when_its_pipeline_is_dropped_and_its_database_goes_too() {
+    // Arrange
+    let mut pipeline = Pipeline::in_process(Options::default()).await;
+    pipeline
+        .apply(&[customer_created("evt_drop_1", T0, "cus_drop")])
+        .await;
+    let healthz = pipeline.api_url("/healthz");
+    let database = pipeline.database.name.clone();
+    assert_eq!(reqwest::get(&healthz).await.unwrap().status(), 200);
+
+    // Act
+    drop(pipeline);
+
+    // Assert
+    assert!(
+        reqwest::get(&healthz).await.is_err(),
+        "the API still answers"
+    );
+    let mut admin = sqlx::PgConnection::connect(&admin_database_url())
+        .await
+        .unwrap();
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&database)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+    assert!(!exists, "{database} outlived its pipeline");
 }
 
 #[test]

@@ -588,18 +588,9 @@ fn check_nul_projected(
 
 /// Runs a `projector` subcommand with `env` to completion; panics if it fails.
 fn projector_command(env: &[(String, String)], args: &[&str]) {
-    let output = Command::new(binary("projector"))
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .output()
-        .expect("run projector");
-    assert!(
-        output.status.success(),
-        "projector {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let mut command = testkit::process::command(&binary("projector"), args, env.iter().cloned());
+    let output = command.output().expect("run projector");
+    testkit::process::succeeded(&format!("projector {args:?}"), &output);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -241,7 +241,7 @@ async fn sigterm_stops_the_projector_cleanly_with_exit_code_0() {
     let mut pipeline = Pipeline::start(Options::default()).await;
     let t = T0;
     pipeline
-        .send_all(&[
+        .apply(&[
             customer_created("evt_term_1", t, "cus_term"),
             Event::new(
                 "evt_term_2",
@@ -252,7 +252,6 @@ async fn sigterm_stops_the_projector_cleanly_with_exit_code_0() {
             .body(),
         ])
         .await;
-    pipeline.settle().await;
 
     // Act
     let status = pipeline.projector.as_mut().unwrap().terminate();
@@ -298,8 +297,7 @@ async fn a_restarted_projector_resumes_from_the_offsets_in_postgres_not_from_kaf
             .body(),
         );
     }
-    pipeline.send_all(&bodies).await;
-    pipeline.settle().await;
+    pipeline.apply(&bodies).await;
     let before = pipeline
         .table("SELECT customer, features FROM entitlements ORDER BY customer")
         .await;

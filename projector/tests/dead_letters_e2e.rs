@@ -13,16 +13,21 @@ use sqlx::Row;
 use common::events::*;
 use common::*;
 
-/// A `customer.subscription.updated` whose subscription has no `status`.
-fn update_without_status(id: &str, subscription_id: &str, customer: &str, created: i64) -> String {
-    let mut object = subscription(
+/// An active subscription to pro, for a month from `created`.
+fn active_pro(subscription_id: &str, customer: &str, created: i64) -> serde_json::Value {
+    subscription(
         subscription_id,
         customer,
         "active",
         &[PRO],
         created + MONTH,
         true,
-    );
+    )
+}
+
+/// A `customer.subscription.updated` whose subscription has no `status`.
+fn update_without_status(id: &str, subscription_id: &str, customer: &str, created: i64) -> String {
+    let mut object = active_pro(subscription_id, customer, created);
     object.as_object_mut().unwrap().remove("status");
     Event::new(id, "customer.subscription.updated", created, object).body()
 }
@@ -35,14 +40,7 @@ fn update_with_string_items(
     created: i64,
 ) -> String {
     let object = with(
-        subscription(
-            subscription_id,
-            customer,
-            "active",
-            &[PRO],
-            created + MONTH,
-            true,
-        ),
+        active_pro(subscription_id, customer, created),
         "items",
         json!("si_1,si_2"),
     );
@@ -157,8 +155,7 @@ async fn malformed_subscription_updates_are_dead_lettered_with_their_exact_bytes
     ];
 
     // Act
-    pipeline.send_all(&bodies).await;
-    pipeline.settle().await;
+    pipeline.apply(&bodies).await;
 
     // Assert: the later update is applied and the partition moved past the poison.
     let view = pipeline.entitlements("cus_dl", None).await;
@@ -221,12 +218,11 @@ async fn redrive_of_a_still_malformed_event_reports_it_failing_with_exit_code_1(
     // Arrange
     let mut pipeline = Pipeline::in_process(Options::default()).await;
     pipeline
-        .send_all(&[
+        .apply(&[
             customer_created("evt_rf_1", T0, "cus_rf"),
             update_without_status("evt_rf_2", "sub_rf", "cus_rf", T0 + 10),
         ])
         .await;
-    pipeline.settle().await;
     let before = dead_letters(&pipeline).await;
     assert_eq!(before.len(), 1);
 
@@ -261,9 +257,8 @@ async fn redrive_applies_a_dead_letter_the_current_code_accepts_and_marks_it_red
     // version that rejected this shape would have recorded it.
     let mut pipeline = Pipeline::in_process(Options::default()).await;
     pipeline
-        .send(&customer_created("evt_rd_1", T0, "cus_rd"))
+        .apply(&[customer_created("evt_rd_1", T0, "cus_rd")])
         .await;
-    pipeline.settle().await;
     assert_eq!(
         pipeline.entitlements("cus_rd", None).await["features"],
         json!([])
@@ -335,9 +330,8 @@ async fn unknown_event_type_is_counted_and_ignored_not_dead_lettered() {
 
     // Act
     pipeline
-        .send(&Event::new("evt_pi_1", "payment_intent.created", T0, payment_intent).body())
+        .apply(&[Event::new("evt_pi_1", "payment_intent.created", T0, payment_intent).body()])
         .await;
-    pipeline.settle().await;
 
     // Assert
     assert_eq!(
@@ -383,8 +377,7 @@ async fn thin_event_is_counted_not_dead_lettered_and_its_partition_flows_on() {
     // Act
     pipeline.send(&thin).await;
     pipeline.send(&backfilled.body()).await;
-    pipeline.send(&older_webhook.body()).await;
-    pipeline.settle().await;
+    pipeline.apply(&[older_webhook.body()]).await;
 
     // Assert: counted as a thin event, nothing dead-lettered, and the records behind it applied.
     assert_eq!(

@@ -1442,8 +1442,7 @@ async fn deliver_each(
     events: &[Event],
 ) -> Vec<Change> {
     for event in events {
-        pipeline.send(&event.body()).await;
-        pipeline.settle().await;
+        pipeline.apply(&[event.body()]).await;
     }
     let mut new = Vec::new();
     for (key, changes) in change_log(pipeline) {

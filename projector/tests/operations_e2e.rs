@@ -64,8 +64,7 @@ async fn a_redrive_with_one_record_still_refused_applies_the_others_and_keeps_on
             T0 + 10,
         ));
     }
-    pipeline.send_all(&bodies).await;
-    pipeline.settle().await;
+    pipeline.apply(&bodies).await;
     let pending: i64 =
         sqlx::query_scalar("SELECT count(*) FROM dead_letters WHERE redriven_at IS NULL")
             .fetch_one(&mut db)

@@ -324,8 +324,7 @@ fn distinct_ids(bodies: &[String]) -> usize {
 /// Sends the scenario set, waits until it is applied and checks it did what the scenario says.
 async fn run_scenario(pipeline: &mut Pipeline) -> Vec<Expected> {
     let (events, expected) = scenario();
-    pipeline.send_all(&bodies(&events)).await;
-    pipeline.settle().await;
+    pipeline.apply(&bodies(&events)).await;
     for e in &expected {
         let view = pipeline.entitlements(e.customer, e.account).await;
         assert_eq!(
@@ -506,24 +505,21 @@ async fn rebuild_while_live_reproduces_every_projection_and_publishes_nothing() 
     );
     // Live processing carries on on the swapped tables.
     pipeline
-        .send(
-            &Event::new(
-                "evt_after_rebuild",
-                "customer.subscription.updated",
+        .apply(&[Event::new(
+            "evt_after_rebuild",
+            "customer.subscription.updated",
+            T0 + 2 * MONTH,
+            subscription(
+                "sub_trial",
+                "cus_trial",
+                "unpaid",
+                &[PRO],
                 T0 + 2 * MONTH,
-                subscription(
-                    "sub_trial",
-                    "cus_trial",
-                    "unpaid",
-                    &[PRO],
-                    T0 + 2 * MONTH,
-                    true,
-                ),
-            )
-            .body(),
+                true,
+            ),
         )
+        .body()])
         .await;
-    pipeline.settle().await;
     let view = pipeline.entitlements("cus_trial", None).await;
     assert_eq!(view["features"], json!([]));
     assert_eq!(
@@ -1063,8 +1059,7 @@ fn history(pipeline: &Pipeline, args: &[&str]) -> Value {
 async fn history_and_at_replay_a_scripted_lifecycle_from_the_log() {
     // Arrange: trial → active → (paid) → (payment failed) → past_due → canceled.
     let mut pipeline = Pipeline::start(Options::default()).await;
-    pipeline.send_all(&bodies(&history_log())).await;
-    pipeline.settle().await;
+    pipeline.apply(&bodies(&history_log())).await;
 
     // Act
     let timeline = history(&pipeline, &["cus_hist", "--json"]);
@@ -1267,13 +1262,12 @@ async fn dead_letters_and_their_redrive_state_survive_a_rebuild_untouched() {
         malformed,
     );
     pipeline
-        .send_all(&[
+        .apply(&[
             customer_created("evt_dl_1", T0, "cus_dl"),
             valid.clone(),
             malformed.body(),
         ])
         .await;
-    pipeline.settle().await;
     let record = read_topic_to_end(&pipeline.events_topic)
         .into_iter()
         .find(|m| m.payload() == Some(valid.as_bytes()))

@@ -278,8 +278,7 @@ async fn an_old_event_redelivered_after_its_id_was_pruned_changes_nothing() {
         subscription("sub_pr", "cus_pr", "canceled", &[PRO], T0 + MONTH, true),
     )
     .body();
-    pipeline.send_all(&[&created, &canceled]).await;
-    pipeline.settle().await;
+    pipeline.apply(&[&created, &canceled]).await;
     let changes_before = pipeline.changes().len();
     assert!(changes_before >= 1);
     assert_eq!(
@@ -305,8 +304,7 @@ async fn an_old_event_redelivered_after_its_id_was_pruned_changes_nothing() {
     }
 
     // Act: Stripe redelivers both, the older one last, after their ids were forgotten.
-    pipeline.send_all(&[&canceled, &created]).await;
-    pipeline.settle().await;
+    pipeline.apply(&[&canceled, &created]).await;
 
     // Assert: both were applied again, not deduped (pruning may forget them again at once, so
     // the projector's counters say it rather than the table), as no-ops.
@@ -388,13 +386,12 @@ async fn a_gap_of_records_removed_by_retention_is_accepted_logged_and_counted() 
     // log's start moved past the first two of those (what retention does).
     let mut pipeline = Pipeline::start(Options::default()).await;
     pipeline
-        .send_all(
+        .apply(
             &(0..3)
                 .map(|n| customer_update("cus_gap", n))
                 .collect::<Vec<_>>(),
         )
         .await;
-    pipeline.settle().await;
     let (partition, next) = only_partition(&pipeline).await;
     assert_eq!(next, 3);
     pipeline.projector.take().unwrap().terminate();
@@ -443,13 +440,12 @@ async fn a_gap_over_records_the_log_still_holds_is_read_again_never_skipped() {
     // batch of 3..6 had never committed, while the consumer has read on.
     let mut pipeline = Pipeline::start(Options::default()).await;
     pipeline
-        .send_all(
+        .apply(
             &(0..6)
                 .map(|n| customer_update("cus_hole", n))
                 .collect::<Vec<_>>(),
         )
         .await;
-    pipeline.settle().await;
     let (partition, _) = only_partition(&pipeline).await;
     let mut db = pipeline.db().await;
     sqlx::query("DELETE FROM processed_events WHERE event_id = 'evt_cus_hole_4'")
@@ -464,8 +460,7 @@ async fn a_gap_over_records_the_log_still_holds_is_read_again_never_skipped() {
         .unwrap();
 
     // Act: the next record (offset 6) finds the stored offset behind it.
-    pipeline.send(&customer_update("cus_hole", 6)).await;
-    pipeline.settle().await;
+    pipeline.apply(&[customer_update("cus_hole", 6)]).await;
 
     // Assert: 3..6 were read again rather than skipped (4, whose id was forgotten, applied
     // anew; 3 and 5 recognised as applied), and no gap was accepted.

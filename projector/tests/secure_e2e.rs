@@ -134,8 +134,7 @@ async fn a_subscription_lifecycle_converges_over_sasl_ssl_kafka_and_tls_postgres
     // One at a time, so that each step is its own batch and its own change message.
     let mut features = Vec::new();
     for event in &events {
-        pipeline.send(&event.body()).await;
-        pipeline.settle().await;
+        pipeline.apply(&[event.body()]).await;
         features.push(pipeline.entitlements(c, None).await["features"].clone());
     }
     assert_eq!(

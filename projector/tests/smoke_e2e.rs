@@ -10,7 +10,7 @@ async fn checkout_then_subscription_grants_features_visible_in_api_and_topic() {
     let mut pipeline = Pipeline::start(Options::default()).await;
     let t = 1_767_225_600;
     pipeline
-        .send_all(&[
+        .apply(&[
             customer_created("evt_s1", t, "cus_smoke"),
             Event::new(
                 "evt_s2",
@@ -43,7 +43,6 @@ async fn checkout_then_subscription_grants_features_visible_in_api_and_topic() {
             .body(),
         ])
         .await;
-    pipeline.settle().await;
 
     let view = pipeline.entitlements("cus_smoke", None).await;
     assert_eq!(view["features"], serde_json::json!(["api", "pro"]));

@@ -306,6 +306,13 @@ impl Pipeline {
         }
     }
 
+    /// Sends the bodies in order and waits until they are applied: [`send_all`](Self::send_all)
+    /// then [`settle`](Self::settle).
+    pub async fn apply<S: AsRef<str>>(&mut self, bodies: &[S]) {
+        self.send_all(bodies).await;
+        self.settle().await;
+    }
+
     /// Signs and POSTs every body, `IN_FLIGHT` at a time, and counts them as appended.
     pub async fn send_concurrently(&mut self, bodies: &[String]) {
         self.appended += send_concurrently(&self.client, &self.ingest_url(), bodies).await;
