@@ -33,7 +33,7 @@ impl Story {
             sub_a: format!("sub_{name}_{i:05}_a"),
             sub_b: format!("sub_{name}_{i:05}_b"),
             t: T0 + i as i64 * 1_000,
-            basil: i % 2 == 0,
+            basil: i.is_multiple_of(2),
         }
     }
 
