@@ -69,6 +69,18 @@ fn records_about(records: &[OwnedMessage], ids: &BTreeSet<String>) -> Vec<OwnedM
         .collect()
 }
 
+/// Runs a plain `backfill` that must fail with exit status 1 and the stable `code` on stderr;
+/// returns that stderr.
+#[track_caller]
+fn backfill_failing_with(api_base: &str, topic: &str, code: &str) -> String {
+    let state = state_dir().display().to_string();
+    let output = ingest_command(&["backfill", "--state-dir", &state], api_base, topic);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(stderr.contains(code), "{stderr}");
+    stderr
+}
+
 fn state_dir() -> std::path::PathBuf {
     std::env::temp_dir().join(unique("backfill-state"))
 }
@@ -286,13 +298,12 @@ async fn reconcile_appends_the_events_api_events_byte_for_byte() {
         })
         .expect("the subscription's creation event");
     assert_eq!(key_str(created).as_deref(), Some(customer.as_str()));
-    assert_eq!(
-        header_value(created, "stripe-source").as_deref(),
-        Some("events-api")
-    );
-    assert_eq!(
-        header_value(created, "stripe-api-version").as_deref(),
-        Some("2017-08-15")
+    assert_headers(
+        created,
+        &[
+            ("stripe-source", Some("events-api")),
+            ("stripe-api-version", Some("2017-08-15")),
+        ],
     );
     let id = header_value(created, "stripe-event-id").unwrap();
     let (status, from_api) = stripe.get_status(&format!("/v1/events/{id}")).await;
@@ -505,20 +516,9 @@ async fn backfill_gives_up_on_a_refused_key_with_a_stable_code_and_no_secret_in_
     let topic = unique("e2e-unauthorized");
 
     // Act
-    let output = ingest_command(
-        &[
-            "backfill",
-            "--state-dir",
-            &state_dir().display().to_string(),
-        ],
-        &base,
-        &topic,
-    );
+    let stderr = backfill_failing_with(&base, &topic, "stripe_unauthorized");
 
     // Assert
-    assert_eq!(output.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("stripe_unauthorized"), "{stderr}");
     assert!(!stderr.contains(localstripe::API_KEY), "{stderr}");
     assert_eq!(
         seen.lock().unwrap().requests.len(),
@@ -543,20 +543,9 @@ async fn a_server_whose_cursor_does_not_move_fails_the_backfill_instead_of_pagin
     let topic = unique("e2e-loop");
 
     // Act
-    let output = ingest_command(
-        &[
-            "backfill",
-            "--state-dir",
-            &state_dir().display().to_string(),
-        ],
-        &base,
-        &topic,
-    );
+    backfill_failing_with(&base, &topic, "stripe_invalid_response");
 
     // Assert
-    assert_eq!(output.status.code(), Some(1));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("stripe_invalid_response"), "{stderr}");
     let requests = seen.lock().unwrap().requests.len();
     assert!(
         (2..=3).contains(&requests),

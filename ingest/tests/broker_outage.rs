@@ -9,7 +9,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::json;
 
 fn stack(command: &str) {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/stack");
@@ -43,11 +42,7 @@ impl Drop for BrokerBack {
 async fn requests_get_503_while_the_broker_is_down_and_200_once_it_is_back() {
     let ingest = Ingest::start(&[("APPEND_TIMEOUT_MS", "2000")]);
     let client = reqwest::Client::new();
-    let body = event(
-        "evt_outage",
-        "customer.created",
-        json!({"id": "cus_o", "object": "customer"}),
-    );
+    let body = customer_created("evt_outage", "cus_o");
     assert_eq!(
         post_signed(&client, &ingest, &body).await.status(),
         200,
@@ -66,15 +61,7 @@ async fn requests_get_503_while_the_broker_is_down_and_200_once_it_is_back() {
         let answer: serde_json::Value = response.json().await.unwrap();
         assert_eq!(answer["error"], "unavailable");
     }
-    assert_eq!(
-        client
-            .get(ingest.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        503
-    );
+    assert_eq!(ingest.status_of(&client, "/readyz").await, 503);
 
     stack("kafka-start");
     guard.armed = false;

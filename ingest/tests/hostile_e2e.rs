@@ -130,11 +130,7 @@ fn signed(body: &[u8]) -> String {
 }
 
 fn good_event(id: &str) -> String {
-    event(
-        id,
-        "customer.created",
-        json!({"id": format!("cus_{id}"), "object": "customer"}),
-    )
+    customer_created(id, &format!("cus_{id}"))
 }
 
 /// A good request must still be stored: signed, 200, with its id.

@@ -38,30 +38,22 @@ async fn valid_event_is_acknowledged_and_lands_byte_for_byte_with_key_and_header
         "the exact request bytes are stored"
     );
     assert_eq!(key_str(record).as_deref(), Some("cus_42"));
-    assert_eq!(
-        header_value(record, "stripe-event-id").as_deref(),
-        Some("evt_e2e_valid")
-    );
-    assert_eq!(
-        header_value(record, "stripe-event-type").as_deref(),
-        Some("customer.subscription.updated")
-    );
-    assert_eq!(
-        header_value(record, "stripe-livemode").as_deref(),
-        Some("false")
-    );
-    assert_eq!(
-        header_value(record, "stripe-api-version").as_deref(),
-        Some("2025-03-31.basil")
+    assert_headers(
+        record,
+        &[
+            ("stripe-event-id", Some("evt_e2e_valid")),
+            ("stripe-event-type", Some("customer.subscription.updated")),
+            ("stripe-livemode", Some("false")),
+            ("stripe-api-version", Some("2025-03-31.basil")),
+        ],
     );
     assert_eq!(
         header_value(record, "stripe-signature").as_deref(),
         Some(header.as_str())
     );
-    assert_eq!(header_value(record, "stripe-account"), None);
-    assert_eq!(
-        header_value(record, "stripe-source").as_deref(),
-        Some("webhook")
+    assert_headers(
+        record,
+        &[("stripe-account", None), ("stripe-source", Some("webhook"))],
     );
     let created: i64 = header_value(record, "stripe-created")
         .unwrap()
@@ -104,11 +96,7 @@ async fn connect_event_is_keyed_by_account_and_customer_and_carries_the_account_
 async fn redelivered_event_is_acknowledged_again_and_the_log_keeps_both() {
     let ingest = Ingest::start(&[]);
     let client = reqwest::Client::new();
-    let body = event(
-        "evt_dup",
-        "customer.created",
-        json!({"id": "cus_dup", "object": "customer"}),
-    );
+    let body = customer_created("evt_dup", "cus_dup");
 
     assert_eq!(post_signed(&client, &ingest, &body).await.status(), 200);
     assert_eq!(post_signed(&client, &ingest, &body).await.status(), 200);
@@ -124,11 +112,7 @@ async fn redelivered_event_is_acknowledged_again_and_the_log_keeps_both() {
 async fn every_rejection_gets_its_status_and_code_and_lands_nothing() {
     let ingest = Ingest::start(&[("MAX_BODY_BYTES", "2048")]);
     let client = reqwest::Client::new();
-    let body = event(
-        "evt_rejected",
-        "customer.created",
-        json!({"id": "cus_r", "object": "customer"}),
-    );
+    let body = customer_created("evt_rejected", "cus_r");
     let t = now();
     let good = ingest::signature::header_for(SECRET, t, body.as_bytes());
     let stale = ingest::signature::header_for(SECRET, t - 301, body.as_bytes());
@@ -275,11 +259,7 @@ async fn verified_non_envelope_is_refused_and_lands_in_the_dlq_only_with_its_rea
         Some(header.as_str())
     );
     // Sentinel so that "nothing in the log" is observed, not assumed.
-    let sentinel = event(
-        "evt_sentinel",
-        "customer.created",
-        json!({"id": "cus_s", "object": "customer"}),
-    );
+    let sentinel = customer_created("evt_sentinel", "cus_s");
     assert_eq!(post_signed(&client, &ingest, &sentinel).await.status(), 200);
     let events = read_records(&ingest.events_topic, 2, Duration::from_secs(5));
     assert_eq!(events.len(), 1);
@@ -325,24 +305,20 @@ async fn signed_thin_event_is_acknowledged_and_lands_with_its_type_and_never_in_
         key_str(record).as_deref(),
         Some("acct_1Thin/evt_test_65RM8sQb")
     );
-    assert_eq!(
-        header_value(record, "stripe-event-type").as_deref(),
-        Some("v1.billing.meter.error_report_triggered")
+    assert_headers(
+        record,
+        &[
+            (
+                "stripe-event-type",
+                Some("v1.billing.meter.error_report_triggered"),
+            ),
+            // 2026-03-01T09:20:30Z
+            ("stripe-created", Some("1772356830")),
+            ("stripe-account", Some("acct_1Thin")),
+            ("stripe-source", Some("webhook")),
+            ("stripe-api-version", None),
+        ],
     );
-    // 2026-03-01T09:20:30Z
-    assert_eq!(
-        header_value(record, "stripe-created").as_deref(),
-        Some("1772356830")
-    );
-    assert_eq!(
-        header_value(record, "stripe-account").as_deref(),
-        Some("acct_1Thin")
-    );
-    assert_eq!(
-        header_value(record, "stripe-source").as_deref(),
-        Some("webhook")
-    );
-    assert_eq!(header_value(record, "stripe-api-version"), None);
     assert!(header_value(record, "stripe-signature").is_some());
     // The DLQ has one partition and ingest answers only after a dead letter is durable, so
     // if the thin event had gone there it would come before this later sentinel.
@@ -362,11 +338,7 @@ async fn signed_thin_event_is_acknowledged_and_lands_with_its_type_and_never_in_
 async fn health_readiness_and_metrics_are_served() {
     let ingest = Ingest::start(&[]);
     let client = reqwest::Client::new();
-    let body = event(
-        "evt_metrics",
-        "customer.created",
-        json!({"id": "cus_m", "object": "customer"}),
-    );
+    let body = customer_created("evt_metrics", "cus_m");
     assert_eq!(post_signed(&client, &ingest, &body).await.status(), 200);
     assert_eq!(
         post_with_header(&client, &ingest, &body, None)
@@ -375,24 +347,8 @@ async fn health_readiness_and_metrics_are_served() {
         400
     );
 
-    assert_eq!(
-        client
-            .get(ingest.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        client
-            .get(ingest.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(ingest.status_of(&client, "/healthz").await, 200);
+    assert_eq!(ingest.status_of(&client, "/readyz").await, 200);
     let metrics = ingest.metrics(&client).await;
 
     assert!(
@@ -418,11 +374,7 @@ async fn health_readiness_and_metrics_are_served() {
 async fn secrets_never_reach_the_logs() {
     let ingest = Ingest::start(&[("RUST_LOG", "debug")]);
     let client = reqwest::Client::new();
-    let body = event(
-        "evt_log",
-        "customer.created",
-        json!({"id": "cus_l", "object": "customer"}),
-    );
+    let body = customer_created("evt_log", "cus_l");
     assert_eq!(post_signed(&client, &ingest, &body).await.status(), 200);
     assert_eq!(
         post_with_header(&client, &ingest, &body, Some("t=1,v1=00"))
@@ -465,11 +417,7 @@ fn invalid_configuration_stops_start_up_with_one_line_naming_the_variable() {
 async fn sigterm_drains_and_exits_zero() {
     let mut ingest = Ingest::start(&[]);
     let client = reqwest::Client::new();
-    let body = event(
-        "evt_term",
-        "customer.created",
-        json!({"id": "cus_t", "object": "customer"}),
-    );
+    let body = customer_created("evt_term", "cus_t");
     assert_eq!(post_signed(&client, &ingest, &body).await.status(), 200);
 
     let status = ingest.service.terminate();

@@ -4,7 +4,7 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::dev::Server;
+use actix_web::dev::{Server, ServerHandle};
 use actix_web::{web, App, HttpServer};
 use rdkafka::producer::FutureProducer;
 use shared::kafka::{
@@ -132,8 +132,23 @@ fn ingest_record_bytes() -> usize {
     limits::ingest_record_max_bytes(limits::DEFAULT_MAX_BODY_BYTES)
 }
 
+/// What stops [`Application::run_until_stopped`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopOn {
+    /// SIGINT or SIGTERM, and the [`Application::handle`]: the `projector run` process.
+    Signal,
+    /// Only the [`Application::handle`]: an application embedded in a test process, whose
+    /// Ctrl-C must still end the test run.
+    Handle,
+}
+
 impl Application {
+    /// `projector run`'s application, stopped by SIGINT/SIGTERM.
     pub async fn build(config: Config) -> Result<Self, StartupError> {
+        Self::build_stopped_on(config, StopOn::Signal).await
+    }
+
+    pub async fn build_stopped_on(config: Config, stop_on: StopOn) -> Result<Self, StartupError> {
         let config = Arc::new(config);
         kafka_reachable(&config).await?;
         let pool = database(&config).await?;
@@ -162,13 +177,17 @@ impl Application {
             consumer: Some(consumer.clone()),
             events_topic: config.events_topic.clone(),
         });
-        let server =
+        let mut server =
             HttpServer::new(move || App::new().app_data(state.clone()).configure(api::routes))
                 .keep_alive(Duration::from_secs(75))
-                .shutdown_timeout(10)
-                .listen(listener)
-                .map_err(|source| StartupError::Listen { addr, source })?
-                .run();
+                .shutdown_timeout(10);
+        if stop_on == StopOn::Handle {
+            server = server.disable_signals();
+        }
+        let server = server
+            .listen(listener)
+            .map_err(|source| StartupError::Listen { addr, source })?
+            .run();
         Ok(Application {
             port,
             server,
@@ -184,7 +203,14 @@ impl Application {
         self.port
     }
 
-    /// Runs the consumer, the relay and the API until SIGINT/SIGTERM; the batch in flight is
+    /// Stops the application as a signal does: `handle().stop(true)` makes
+    /// [`run_until_stopped`](Self::run_until_stopped) finish the batch in flight and the
+    /// pending outbox rows, then return.
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    /// Runs the consumer, the relay and the API until stopped (see [`StopOn`]); the batch in flight is
     /// finished and pending outbox rows are published before it returns.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let (stop, shutdown) = watch::channel(false);

@@ -1,17 +1,15 @@
-//! The read API contract (SPEC §8) of the real `projector run`, fed through the real `ingest`.
+//! The read API contract (SPEC §8) of the projector's application (in process, `TestApp`),
+//! fed through the real `ingest`; the start-up refusals run the real binary.
 
 mod common;
 
 use std::process::Command;
 
 use serde_json::{json, Value};
+use sqlx::Connection;
 
 use common::events::*;
 use common::*;
-
-const T0: i64 = 1_767_225_600;
-const MONTH: i64 = 2_592_000;
-const PRO: Item<'static> = ("price_pro_month", "prod_pro", None);
 
 /// GET without any token, or with the given `Authorization` header value.
 async fn get_with_authorization(
@@ -29,13 +27,7 @@ async fn get_with_authorization(
 /// A customer with an active `prod_pro` subscription, linked to `user_42` by Checkout.
 fn subscribed_customer_events(customer_id: &str) -> Vec<String> {
     vec![
-        Event::new(
-            &format!("evt_{customer_id}_1"),
-            "customer.created",
-            T0,
-            customer(customer_id, false),
-        )
-        .body(),
+        customer_created(&format!("evt_{customer_id}_1"), T0, customer_id),
         Event::new(
             &format!("evt_{customer_id}_2"),
             "checkout.session.completed",
@@ -71,19 +63,10 @@ fn subscribed_customer_events(customer_id: &str) -> Vec<String> {
 #[tokio::test]
 async fn requests_without_or_with_a_wrong_token_are_401_with_www_authenticate() {
     // Arrange
-    let mut pipeline = Pipeline::start(Options::default()).await;
+    let mut pipeline = Pipeline::in_process(Options::default()).await;
     pipeline
-        .send(
-            &Event::new(
-                "evt_auth_1",
-                "customer.created",
-                T0,
-                customer("cus_auth", false),
-            )
-            .body(),
-        )
+        .apply(&[customer_created("evt_auth_1", T0, "cus_auth")])
         .await;
-    pipeline.settle().await;
     let wrong_same_length = format!("Bearer {}", "x".repeat(TOKEN.len()));
     let token_as_basic = format!("Basic {TOKEN}");
     let token_with_suffix = format!("Bearer {TOKEN}0");
@@ -136,7 +119,7 @@ async fn requests_without_or_with_a_wrong_token_are_401_with_www_authenticate() 
 
 #[tokio::test]
 async fn never_seen_customer_is_404_not_found() {
-    let pipeline = Pipeline::start(Options::default()).await;
+    let pipeline = Pipeline::in_process(Options::default()).await;
 
     let (status, body) = pipeline.get("/v1/customers/cus_never/entitlements").await;
     let (feature_status, feature_body) = pipeline
@@ -152,21 +135,12 @@ async fn never_seen_customer_is_404_not_found() {
 #[tokio::test]
 async fn customer_known_only_from_customer_created_is_200_with_no_features() {
     // Arrange
-    let mut pipeline = Pipeline::start(Options::default()).await;
+    let mut pipeline = Pipeline::in_process(Options::default()).await;
 
     // Act
     pipeline
-        .send(
-            &Event::new(
-                "evt_only_1",
-                "customer.created",
-                T0,
-                customer("cus_only", false),
-            )
-            .body(),
-        )
+        .apply(&[customer_created("evt_only_1", T0, "cus_only")])
         .await;
-    pipeline.settle().await;
 
     // Assert
     let (status, view) = pipeline.get("/v1/customers/cus_only/entitlements").await;
@@ -193,11 +167,10 @@ async fn customer_known_only_from_customer_created_is_200_with_no_features() {
 #[tokio::test]
 async fn feature_endpoint_answers_granted_true_or_false() {
     // Arrange
-    let mut pipeline = Pipeline::start(Options::default()).await;
+    let mut pipeline = Pipeline::in_process(Options::default()).await;
     pipeline
-        .send_all(&subscribed_customer_events("cus_feat"))
+        .apply(&subscribed_customer_events("cus_feat"))
         .await;
-    pipeline.settle().await;
 
     // Act
     let (pro_status, pro) = pipeline
@@ -218,16 +191,10 @@ async fn feature_endpoint_answers_granted_true_or_false() {
 async fn account_parameter_selects_the_connect_accounts_customer() {
     // Arrange: the same customer id on the platform (no subscription) and on a Connect account
     // (an active pro subscription).
-    let mut pipeline = Pipeline::start(Options::default()).await;
+    let mut pipeline = Pipeline::in_process(Options::default()).await;
     pipeline
-        .send_all(&[
-            Event::new(
-                "evt_pf_1",
-                "customer.created",
-                T0,
-                customer("cus_same", false),
-            )
-            .body(),
+        .apply(&[
+            customer_created("evt_pf_1", T0, "cus_same"),
             Event::new(
                 "evt_ac_1",
                 "customer.created",
@@ -246,7 +213,6 @@ async fn account_parameter_selects_the_connect_accounts_customer() {
             .body(),
         ])
         .await;
-    pipeline.settle().await;
 
     // Act
     let platform = pipeline.entitlements("cus_same", None).await;
@@ -277,11 +243,8 @@ async fn account_parameter_selects_the_connect_accounts_customer() {
 #[tokio::test]
 async fn lookup_by_client_reference_id_answers_the_customers_object_404_or_400() {
     // Arrange
-    let mut pipeline = Pipeline::start(Options::default()).await;
-    pipeline
-        .send_all(&subscribed_customer_events("cus_ref"))
-        .await;
-    pipeline.settle().await;
+    let mut pipeline = Pipeline::in_process(Options::default()).await;
+    pipeline.apply(&subscribed_customer_events("cus_ref")).await;
     let by_customer = pipeline.entitlements("cus_ref", None).await;
 
     // Act
@@ -307,32 +270,14 @@ async fn lookup_by_client_reference_id_answers_the_customers_object_404_or_400()
 #[tokio::test]
 async fn health_readiness_and_metrics_are_served_without_leaking_the_token() {
     // Arrange
-    let mut pipeline = Pipeline::start(Options::default()).await;
-    pipeline
-        .send_all(&subscribed_customer_events("cus_obs"))
-        .await;
-    pipeline.settle().await;
+    let mut pipeline = Pipeline::in_process(Options::default()).await;
+    pipeline.apply(&subscribed_customer_events("cus_obs")).await;
 
     // Act
-    let healthz = pipeline
-        .client
-        .get(pipeline.api_url("/healthz"))
-        .send()
-        .await
-        .unwrap();
-    let readyz = pipeline
-        .client
-        .get(pipeline.api_url("/readyz"))
-        .send()
-        .await
-        .unwrap();
-    let metrics = pipeline
-        .client
-        .get(pipeline.api_url("/metrics"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
+    let healthz = get_with_authorization(&pipeline, "/healthz", None).await;
+    let readyz = get_with_authorization(&pipeline, "/readyz", None).await;
+    let bearer = format!("Bearer {TOKEN}");
+    let metrics = get_with_authorization(&pipeline, "/metrics", Some(&bearer)).await;
 
     // Assert
     assert_eq!(healthz.status(), 200);
@@ -373,6 +318,37 @@ async fn health_readiness_and_metrics_are_served_without_leaking_the_token() {
         !text.contains(&pipeline.database_url),
         "the database URL appears in /metrics"
     );
+}
+
+#[tokio::test]
+async fn the_in_process_projector_stops_when_its_pipeline_is_dropped_and_its_database_goes_too() {
+    // Arrange
+    let mut pipeline = Pipeline::in_process(Options::default()).await;
+    pipeline
+        .apply(&[customer_created("evt_drop_1", T0, "cus_drop")])
+        .await;
+    let healthz = pipeline.api_url("/healthz");
+    let database = pipeline.database.name.clone();
+    assert_eq!(reqwest::get(&healthz).await.unwrap().status(), 200);
+
+    // Act
+    drop(pipeline);
+
+    // Assert
+    assert!(
+        reqwest::get(&healthz).await.is_err(),
+        "the API still answers"
+    );
+    let mut admin = sqlx::PgConnection::connect(&admin_database_url())
+        .await
+        .unwrap();
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&database)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+    assert!(!exists, "{database} outlived its pipeline");
 }
 
 #[test]

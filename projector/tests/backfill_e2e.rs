@@ -1,5 +1,5 @@
 //! Adopting an existing account (SPEC §11), end to end: the real `ingest` (webhooks, `backfill`,
-//! `reconcile`) and `projector` binaries, the real Kafka and Postgres, and a real stateful
+//! `reconcile`) binary and the projector's application (in process), the real Kafka and Postgres, and a real stateful
 //! Stripe API server this project did not write (localstripe, `scripts/localstripe`). Each
 //! scenario compares the read API with the server's own state for every customer it made.
 
@@ -264,7 +264,7 @@ async fn backfill_of_an_existing_account_matches_the_server_and_a_second_run_cha
     // Arrange: an account's history that no webhook ever reported.
     let stripe = LocalStripe::connect().await;
     let account = build_history(&stripe).await;
-    let mut pipeline = Pipeline::start(Options::default()).await;
+    let mut pipeline = Pipeline::in_process(Options::default()).await;
     let state = state_dir();
 
     // Act
@@ -367,7 +367,7 @@ fn spawn_backfill(pipeline: &Pipeline, stripe: &LocalStripe, state_dir: &str) ->
 async fn backfill_while_webhooks_flow_ends_in_the_servers_state() {
     // Arrange: webhooks from the server reach ingest from now on; some history exists.
     let stripe = LocalStripe::connect().await;
-    let pipeline = Pipeline::start(Options::default()).await;
+    let pipeline = Pipeline::in_process(Options::default()).await;
     let webhook = Webhook::register(&stripe, &pipeline).await;
     let account = build_history(&stripe).await;
     let mut customers = account.customers.clone();
@@ -402,7 +402,7 @@ async fn backfill_while_webhooks_flow_ends_in_the_servers_state() {
 async fn reconcile_after_an_outage_converges_the_projection() {
     // Arrange: webhooks reach ingest, and a customer is known.
     let stripe = LocalStripe::connect().await;
-    let mut pipeline = Pipeline::start(Options::default()).await;
+    let mut pipeline = Pipeline::in_process(Options::default()).await;
     let webhook = Webhook::register(&stripe, &pipeline).await;
     let before = stripe.customer("pm_card_visa").await;
     let sub = stripe.subscribe(&before, PRO_PLAN, None).await;

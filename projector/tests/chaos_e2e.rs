@@ -27,10 +27,9 @@ use serde_json::{json, Value};
 use sqlx::{Connection, PgConnection};
 
 use common::events::*;
+use common::workload::Story;
 use common::*;
 
-const T0: i64 = 1_767_225_600;
-const MONTH: i64 = 2_592_000;
 const IN_FLIGHT: usize = 16;
 /// Stripe's retry schedule is hours long; here the first retry comes after 100 ms and the gap
 /// doubles up to 2 s, so an outage of a few seconds costs a few retries.
@@ -39,10 +38,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// An event still without a 2xx after this long counts as lost.
 const DELIVERY_DEADLINE: Duration = Duration::from_secs(600);
 const SETTLE_DEADLINE: Duration = Duration::from_secs(300);
-
-const PRO: Item<'static> = ("price_pro_month", "prod_pro", None);
-const TEAM: Item<'static> = ("price_team_month", "prod_team", None);
-const ENTERPRISE: Item<'static> = ("price_ent_year", "prod_ent", Some("enterprise"));
 
 /// The constraint made on purpose in both databases: Postgres refuses a customer with this email,
 /// deterministically, wherever and however often the record is applied.
@@ -127,111 +122,26 @@ fn workload(customers: usize, rng: &mut fastrand::Rng) -> Workload {
     let mut refused = BTreeSet::new();
     let mut nul = BTreeSet::new();
     for i in 0..customers {
-        let c = format!("cus_chaos_{i:05}");
+        let story = Story::new("chaos", i);
+        let (c, t) = (&story.customer, story.t);
         ids.push(c.clone());
-        let basil = i % 2 == 0;
-        let t = T0 + i as i64 * 1_000;
-        let end = t + MONTH;
-        let sub_a = format!("sub_chaos_{i:05}_a");
-        let sub_b = format!("sub_chaos_{i:05}_b");
-        let sub = |id: &str, status: &str, items: &[Item<'_>]| {
-            subscription(id, &c, status, items, end, basil)
-        };
-        let invoice_of = |n: u32, status: &str, attempts: i64, next: Option<i64>| {
-            invoice(
-                &format!("in_chaos_{i:05}_{n}"),
-                &c,
-                &sub_a,
-                status,
-                attempts,
-                next,
-                end,
-                basil,
-            )
-        };
-        let mut mine = vec![
-            ("customer.created", t, customer(&c, false)),
-            (
-                "checkout.session.completed",
-                t + 5,
-                checkout_session(
-                    &format!("cs_chaos_{i:05}"),
-                    &c,
-                    Some(&format!("user_{i:05}")),
-                    "subscription",
-                    "paid",
-                    Some(&sub_a),
-                    json!({}),
-                ),
-            ),
-            (
-                "customer.subscription.created",
-                t + 5,
-                sub(&sub_a, "incomplete", &[PRO]),
-            ),
-            (
-                "customer.subscription.updated",
-                t + 6,
-                sub(&sub_a, "active", &[PRO]),
-            ),
-            ("invoice.paid", t + 6, invoice_of(1, "paid", 1, None)),
-            (
-                "invoice.payment_failed",
-                t + 100,
-                invoice_of(2, "open", 1, Some(t + 300)),
-            ),
-            (
-                "customer.subscription.updated",
-                t + 100,
-                sub(&sub_a, "past_due", &[PRO]),
-            ),
-        ];
+        let mut mine = story.checkout_to_past_due(6);
         match i % 3 {
-            0 => mine.extend([
-                (
-                    "customer.subscription.updated",
-                    t + 200,
-                    sub(&sub_a, "active", &[PRO, TEAM]),
-                ),
-                ("invoice.paid", t + 200, invoice_of(2, "paid", 2, None)),
-            ]),
-            1 => mine.extend([
-                (
-                    "customer.subscription.updated",
-                    t + 200,
-                    sub(&sub_a, "unpaid", &[PRO]),
-                ),
-                (
-                    "customer.subscription.deleted",
-                    t + 300,
-                    sub(&sub_a, "canceled", &[PRO]),
-                ),
-            ]),
-            _ => mine.push((
-                "customer.subscription.updated",
-                t + 200,
-                with(
-                    sub(&sub_a, "active", &[TEAM]),
-                    "cancel_at_period_end",
-                    json!(true),
-                ),
-            )),
+            0 => mine.extend(story.upgraded_and_paid()),
+            1 => mine.extend(story.unpaid_then_canceled()),
+            _ => mine.push(story.cancel_at_period_end(&[TEAM])),
         }
         if i % 4 == 0 {
-            mine.push((
-                "customer.subscription.created",
-                t + 50,
-                sub(&sub_b, "trialing", &[ENTERPRISE]),
-            ));
+            mine.push(story.second_subscription_trialing());
         }
         if i % 17 == 0 {
-            mine.push(("customer.deleted", t + 500, deleted_customer(&c, false)));
+            mine.push(("customer.deleted", t + 500, deleted_customer(c, false)));
         }
         let poison = if i % 10 == 3 && i % 17 != 0 {
             mine.push((
                 "customer.updated",
                 t + 1_000,
-                with(customer(&c, false), "email", json!(REFUSED_EMAIL)),
+                with(customer(c, false), "email", json!(REFUSED_EMAIL)),
             ));
             Some(mine.len() - 1)
         } else {
@@ -239,23 +149,16 @@ fn workload(customers: usize, rng: &mut fastrand::Rng) -> Workload {
                 mine.push((
                     "customer.updated",
                     t + 1_000,
-                    with(customer(&c, false), "metadata", json!({ "note": NUL_NOTE })),
+                    with(customer(c, false), "metadata", json!({ "note": NUL_NOTE })),
                 ));
                 nul.insert(c.clone());
             }
             None
         };
-        for (n, (event_type, created, object)) in mine.into_iter().enumerate() {
-            let id = format!("evt_chaos_{i:05}_{n:02}");
-            if poison == Some(n) {
-                refused.insert(id.clone());
-            }
-            let mut event = Event::new(&id, event_type, created, object);
-            if !basil {
-                event = event.legacy_api();
-            }
-            events.push(event);
+        if let Some(n) = poison {
+            refused.insert(story.event_id(n));
         }
+        events.extend(story.events(mine));
     }
     let mut bodies: Vec<String> = events.iter().map(Event::body).collect();
     let redeliveries: Vec<String> = bodies.iter().step_by(9).cloned().collect();
@@ -685,18 +588,9 @@ fn check_nul_projected(
 
 /// Runs a `projector` subcommand with `env` to completion; panics if it fails.
 fn projector_command(env: &[(String, String)], args: &[&str]) {
-    let output = Command::new(binary("projector"))
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .output()
-        .expect("run projector");
-    assert!(
-        output.status.success(),
-        "projector {args:?}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let mut command = testkit::process::command(&binary("projector"), args, env.iter().cloned());
+    let output = command.output().expect("run projector");
+    testkit::process::succeeded(&format!("projector {args:?}"), &output);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -9,42 +9,11 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use common::events::*;
+use common::workload::Story;
 use common::*;
 
 const CUSTOMERS: usize = 300;
-const T0: i64 = 1_767_225_600;
-const MONTH: i64 = 2_592_000;
-const PRO: Item<'static> = ("price_pro_month", "prod_pro", None);
-const TEAM: Item<'static> = ("price_team_month", "prod_team", None);
-const ENTERPRISE: Item<'static> = ("price_ent_year", "prod_ent", Some("enterprise"));
 const CONNECT_ACCOUNT: &str = "acct_crash";
-
-/// One customer of the workload: where the read API finds it.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct CustomerRef {
-    account: Option<String>,
-    customer: String,
-}
-
-impl CustomerRef {
-    /// The key of the customer's change messages (SPEC §9).
-    fn message_key(&self) -> String {
-        match &self.account {
-            Some(account) => format!("{account}/{}", self.customer),
-            None => self.customer.clone(),
-        }
-    }
-
-    fn api_path(&self) -> String {
-        match &self.account {
-            Some(account) => format!(
-                "/v1/customers/{}/entitlements?account={account}",
-                self.customer
-            ),
-            None => format!("/v1/customers/{}/entitlements", self.customer),
-        }
-    }
-}
 
 struct Workload {
     /// Webhook bodies in sending order, redeliveries included.
@@ -62,132 +31,49 @@ fn workload() -> Workload {
     let mut events: Vec<Event> = Vec::new();
     let mut customers = Vec::new();
     for i in 0..CUSTOMERS {
-        let c = format!("cus_crash_{i:03}");
+        let story = Story::new("crash", i);
+        let (c, t) = (&story.customer, story.t);
         let account = (i % 10 == 3).then_some(CONNECT_ACCOUNT);
         customers.push(CustomerRef {
             account: account.map(str::to_owned),
             customer: c.clone(),
         });
-        let basil = i % 2 == 0;
-        let t = T0 + i as i64 * 1_000;
-        let end = t + MONTH;
-        let sub_a = format!("sub_crash_{i:03}_a");
-        let sub_b = format!("sub_crash_{i:03}_b");
-        let in_1 = format!("in_crash_{i:03}_1");
-        let in_2 = format!("in_crash_{i:03}_2");
-        let sub = |id: &str, status: &str, items: &[Item<'_>]| {
-            subscription(id, &c, status, items, end, basil)
-        };
-        let mut mine = vec![
-            ("customer.created", t, customer(&c, false)),
-            (
-                "checkout.session.completed",
-                t + 5,
-                checkout_session(
-                    &format!("cs_crash_{i:03}"),
-                    &c,
-                    Some(&format!("user_{i:03}")),
-                    "subscription",
-                    "paid",
-                    Some(&sub_a),
-                    json!({}),
-                ),
-            ),
-            // Same second: the type rank, then the status rank, decide.
-            (
-                "customer.subscription.created",
-                t + 5,
-                sub(&sub_a, "incomplete", &[PRO]),
-            ),
-            (
-                "customer.subscription.updated",
-                t + 5,
-                sub(&sub_a, "active", &[PRO]),
-            ),
-            (
-                "invoice.paid",
-                t + 6,
-                invoice(&in_1, &c, &sub_a, "paid", 1, None, end, basil),
-            ),
-            (
-                "invoice.payment_failed",
-                t + 100,
-                invoice(&in_2, &c, &sub_a, "open", 1, Some(t + 300), end, basil),
-            ),
-            (
-                "customer.subscription.updated",
-                t + 100,
-                sub(&sub_a, "past_due", &[PRO]),
-            ),
-        ];
+        let sub_a = &story.sub_a;
+        let mut mine = story.checkout_to_past_due(5);
         match i % 4 {
-            0 => mine.extend([
-                (
-                    "customer.subscription.updated",
-                    t + 200,
-                    sub(&sub_a, "active", &[PRO, TEAM]),
-                ),
-                (
-                    "invoice.paid",
-                    t + 200,
-                    invoice(&in_2, &c, &sub_a, "paid", 2, None, end, basil),
-                ),
-            ]),
-            1 => mine.extend([
-                (
-                    "customer.subscription.updated",
-                    t + 200,
-                    sub(&sub_a, "unpaid", &[PRO]),
-                ),
-                (
-                    "customer.subscription.deleted",
-                    t + 300,
-                    sub(&sub_a, "canceled", &[PRO]),
-                ),
-            ]),
+            0 => mine.extend(story.upgraded_and_paid()),
+            1 => mine.extend(story.unpaid_then_canceled()),
             2 => mine.extend([
                 (
                     "customer.subscription.paused",
                     t + 200,
-                    sub(&sub_a, "paused", &[PRO]),
+                    story.sub(sub_a, "paused", &[PRO]),
                 ),
                 (
                     "customer.subscription.resumed",
                     t + 300,
-                    sub(&sub_a, "active", &[TEAM]),
+                    story.sub(sub_a, "active", &[TEAM]),
                 ),
             ]),
             _ => mine.extend([
-                (
-                    "customer.subscription.updated",
-                    t + 200,
-                    with(
-                        sub(&sub_a, "active", &[PRO]),
-                        "cancel_at_period_end",
-                        json!(true),
-                    ),
-                ),
+                story.cancel_at_period_end(&[PRO]),
                 (
                     "entitlements.active_entitlement_summary.updated",
                     t + 250,
-                    entitlement_summary(&c, &["beta", "support"]),
+                    entitlement_summary(c, &["beta", "support"]),
                 ),
             ]),
         }
         if i % 3 == 0 {
-            mine.push((
-                "customer.subscription.created",
-                t + 50,
-                sub(&sub_b, "trialing", &[ENTERPRISE]),
-            ));
+            mine.push(story.second_subscription_trialing());
         }
         if i % 7 == 0 {
             mine.push((
                 "checkout.session.completed",
                 t + 400,
                 checkout_session(
-                    &format!("cs_crash_{i:03}_once"),
-                    &c,
+                    &format!("cs_crash_{i:05}_once"),
+                    c,
                     None,
                     "payment",
                     "paid",
@@ -200,23 +86,14 @@ fn workload() -> Workload {
             mine.push((
                 "payment_intent.created",
                 t + 7,
-                json!({"id": format!("pi_crash_{i:03}"), "object": "payment_intent",
+                json!({"id": format!("pi_crash_{i:05}"), "object": "payment_intent",
                        "customer": c, "amount": 2000, "currency": "usd", "livemode": false}),
             ));
         }
         if i % 23 == 0 {
-            mine.push(("customer.deleted", t + 500, deleted_customer(&c, false)));
+            mine.push(("customer.deleted", t + 500, deleted_customer(c, false)));
         }
-        for (n, (event_type, created, object)) in mine.into_iter().enumerate() {
-            let mut event = Event::new(
-                &format!("evt_crash_{i:03}_{n:02}"),
-                event_type,
-                created,
-                object,
-            );
-            if !basil {
-                event = event.legacy_api();
-            }
+        for mut event in story.events(mine) {
             if let Some(account) = account {
                 event = event.account(account);
             }
@@ -333,20 +210,16 @@ async fn sigkill_mid_consumption_then_restart_equals_an_uninterrupted_run() {
     // Assert: the crashed run's change topic has no gaps and ends on the API's state.
     let changes = crashed.changes();
     let last = last_change_per_key(&changes);
-    let expected_keys: BTreeSet<String> = workload
-        .customers
-        .iter()
-        .map(CustomerRef::message_key)
-        .collect();
+    let expected_keys: BTreeSet<String> = workload.customers.iter().map(CustomerRef::key).collect();
     assert_eq!(
         last.keys().cloned().collect::<BTreeSet<_>>(),
         expected_keys,
         "every customer has change messages"
     );
     for customer in &workload.customers {
-        let (status, view) = crashed.get(&customer.api_path()).await;
-        assert_eq!(status, 200, "GET {}: {view}", customer.api_path());
-        let mut message = last[&customer.message_key()].clone();
+        let (status, view) = crashed.get(&customer.path()).await;
+        assert_eq!(status, 200, "GET {}: {view}", customer.path());
+        let mut message = last[&customer.key()].clone();
         // `updated_at` follows every event (an invoice moves it) without a new version.
         for field in ["type", "added", "removed", "cause", "updated_at"] {
             message.as_object_mut().unwrap().remove(field);
@@ -357,7 +230,7 @@ async fn sigkill_mid_consumption_then_restart_equals_an_uninterrupted_run() {
             message,
             view,
             "the last change message of {} is not the API's object",
-            customer.message_key()
+            customer.key()
         );
     }
 }
@@ -368,14 +241,8 @@ async fn sigterm_stops_the_projector_cleanly_with_exit_code_0() {
     let mut pipeline = Pipeline::start(Options::default()).await;
     let t = T0;
     pipeline
-        .send_all(&[
-            Event::new(
-                "evt_term_1",
-                "customer.created",
-                t,
-                customer("cus_term", false),
-            )
-            .body(),
+        .apply(&[
+            customer_created("evt_term_1", t, "cus_term"),
             Event::new(
                 "evt_term_2",
                 "customer.subscription.created",
@@ -385,7 +252,6 @@ async fn sigterm_stops_the_projector_cleanly_with_exit_code_0() {
             .body(),
         ])
         .await;
-    pipeline.settle().await;
 
     // Act
     let status = pipeline.projector.as_mut().unwrap().terminate();
@@ -431,8 +297,7 @@ async fn a_restarted_projector_resumes_from_the_offsets_in_postgres_not_from_kaf
             .body(),
         );
     }
-    pipeline.send_all(&bodies).await;
-    pipeline.settle().await;
+    pipeline.apply(&bodies).await;
     let before = pipeline
         .table("SELECT customer, features FROM entitlements ORDER BY customer")
         .await;

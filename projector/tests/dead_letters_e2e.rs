@@ -1,7 +1,8 @@
-//! Poison events through both real binaries: what the projector cannot use goes to the
-//! `dead_letters` table and the DLQ topic with its exact bytes while the partition keeps
-//! flowing; `projector redrive` re-applies dead letters; unknown types and thin events are
-//! counted and ignored, not dead-lettered.
+//! Poison events through the real `ingest` and the projector's application (in process;
+//! `redrive` is the real binary): what the projector cannot use goes to the `dead_letters` table
+//! and the DLQ topic with its exact bytes while the partition keeps flowing; `projector redrive`
+//! re-applies dead letters; unknown types and thin events are counted and ignored, not
+//! dead-lettered.
 
 mod common;
 
@@ -12,21 +13,21 @@ use sqlx::Row;
 use common::events::*;
 use common::*;
 
-const T0: i64 = 1_767_225_600;
-const MONTH: i64 = 2_592_000;
-const PRO: Item<'static> = ("price_pro_month", "prod_pro", None);
-const TEAM: Item<'static> = ("price_team_month", "prod_team", None);
-
-/// A `customer.subscription.updated` whose subscription has no `status`.
-fn update_without_status(id: &str, subscription_id: &str, customer: &str, created: i64) -> String {
-    let mut object = subscription(
+/// An active subscription to pro, for a month from `created`.
+fn active_pro(subscription_id: &str, customer: &str, created: i64) -> serde_json::Value {
+    subscription(
         subscription_id,
         customer,
         "active",
         &[PRO],
         created + MONTH,
         true,
-    );
+    )
+}
+
+/// A `customer.subscription.updated` whose subscription has no `status`.
+fn update_without_status(id: &str, subscription_id: &str, customer: &str, created: i64) -> String {
+    let mut object = active_pro(subscription_id, customer, created);
     object.as_object_mut().unwrap().remove("status");
     Event::new(id, "customer.subscription.updated", created, object).body()
 }
@@ -39,14 +40,7 @@ fn update_with_string_items(
     created: i64,
 ) -> String {
     let object = with(
-        subscription(
-            subscription_id,
-            customer,
-            "active",
-            &[PRO],
-            created + MONTH,
-            true,
-        ),
+        active_pro(subscription_id, customer, created),
         "items",
         json!("si_1,si_2"),
     );
@@ -116,25 +110,25 @@ async fn metric_total(pipeline: &Pipeline, family: &str) -> f64 {
         .sum()
 }
 
-fn redrive_stdout(output: &std::process::Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
+/// No dead letter: none counted, none in the table, none on the DLQ topic.
+async fn assert_nothing_dead_lettered(pipeline: &Pipeline) {
+    assert_eq!(
+        metric_total(pipeline, "projector_dead_letters_total").await,
+        0.0
+    );
+    assert!(dead_letters(pipeline).await.is_empty());
+    assert!(read_topic_to_end(&pipeline.dlq_topic).is_empty());
 }
 
 #[tokio::test]
 async fn malformed_subscription_updates_are_dead_lettered_with_their_exact_bytes_while_later_events_apply(
 ) {
     // Arrange: poison in the middle of one customer's events (same key, same partition).
-    let mut pipeline = Pipeline::start(Options::default()).await;
+    let mut pipeline = Pipeline::in_process(Options::default()).await;
     let poison_status = update_without_status("evt_dl_3", "sub_dl", "cus_dl", T0 + 20);
     let poison_items = update_with_string_items("evt_dl_4", "sub_dl", "cus_dl", T0 + 30);
     let bodies = [
-        Event::new(
-            "evt_dl_1",
-            "customer.created",
-            T0,
-            customer("cus_dl", false),
-        )
-        .body(),
+        customer_created("evt_dl_1", T0, "cus_dl"),
         Event::new(
             "evt_dl_2",
             "customer.subscription.created",
@@ -161,8 +155,7 @@ async fn malformed_subscription_updates_are_dead_lettered_with_their_exact_bytes
     ];
 
     // Act
-    pipeline.send_all(&bodies).await;
-    pipeline.settle().await;
+    pipeline.apply(&bodies).await;
 
     // Assert: the later update is applied and the partition moved past the poison.
     let view = pipeline.entitlements("cus_dl", None).await;
@@ -223,33 +216,22 @@ async fn malformed_subscription_updates_are_dead_lettered_with_their_exact_bytes
 #[tokio::test]
 async fn redrive_of_a_still_malformed_event_reports_it_failing_with_exit_code_1() {
     // Arrange
-    let mut pipeline = Pipeline::start(Options::default()).await;
+    let mut pipeline = Pipeline::in_process(Options::default()).await;
     pipeline
-        .send_all(&[
-            Event::new(
-                "evt_rf_1",
-                "customer.created",
-                T0,
-                customer("cus_rf", false),
-            )
-            .body(),
+        .apply(&[
+            customer_created("evt_rf_1", T0, "cus_rf"),
             update_without_status("evt_rf_2", "sub_rf", "cus_rf", T0 + 10),
         ])
         .await;
-    pipeline.settle().await;
     let before = dead_letters(&pipeline).await;
     assert_eq!(before.len(), 1);
 
     // Act: the code has not changed, so the event fails the same way.
-    let output = pipeline.projector_command(&["redrive"]);
+    let stdout = pipeline
+        .redrive(&[], 1, "redriven: 0 applied, 1 still failing")
+        .await;
 
     // Assert
-    let stdout = redrive_stdout(&output);
-    assert_eq!(output.status.code(), Some(1), "stdout: {stdout}");
-    assert!(
-        stdout.contains("redriven: 0 applied, 1 still failing"),
-        "{stdout}"
-    );
     assert!(
         stdout.contains(&format!("still failing: dead letter {}", before[0].id)),
         "{stdout}"
@@ -273,19 +255,10 @@ async fn redrive_of_a_still_malformed_event_reports_it_failing_with_exit_code_1(
 async fn redrive_applies_a_dead_letter_the_current_code_accepts_and_marks_it_redriven_once() {
     // Arrange: a known customer, and a dead letter of a valid event, as an older projector
     // version that rejected this shape would have recorded it.
-    let mut pipeline = Pipeline::start(Options::default()).await;
+    let mut pipeline = Pipeline::in_process(Options::default()).await;
     pipeline
-        .send(
-            &Event::new(
-                "evt_rd_1",
-                "customer.created",
-                T0,
-                customer("cus_rd", false),
-            )
-            .body(),
-        )
+        .apply(&[customer_created("evt_rd_1", T0, "cus_rd")])
         .await;
-    pipeline.settle().await;
     assert_eq!(
         pipeline.entitlements("cus_rd", None).await["features"],
         json!([])
@@ -313,16 +286,11 @@ async fn redrive_applies_a_dead_letter_the_current_code_accepts_and_marks_it_red
     let changes_before = pipeline.changes().len();
 
     // Act
-    let first = pipeline.projector_command(&["redrive"]);
-    pipeline.settle().await;
+    pipeline
+        .redrive(&[], 0, "redriven: 1 applied, 0 still failing")
+        .await;
 
     // Assert: applied, visible in the API and downstream, marked redriven.
-    let stdout = redrive_stdout(&first);
-    assert_eq!(first.status.code(), Some(0), "stdout: {stdout}");
-    assert!(
-        stdout.contains("redriven: 1 applied, 0 still failing"),
-        "{stdout}"
-    );
     let view = pipeline.entitlements("cus_rd", None).await;
     assert_eq!(view["features"], json!(["api", "pro"]));
     assert_eq!(view["subscriptions"][0]["id"], "sub_rd");
@@ -338,16 +306,11 @@ async fn redrive_applies_a_dead_letter_the_current_code_accepts_and_marks_it_red
     let redriven_at = redriven[0].redriven_at.clone().expect("redriven_at is set");
 
     // Act: again.
-    let second = pipeline.projector_command(&["redrive"]);
-    pipeline.settle().await;
+    pipeline
+        .redrive(&[], 0, "redriven: 0 applied, 0 still failing")
+        .await;
 
     // Assert: nothing pending, nothing re-applied.
-    let stdout = redrive_stdout(&second);
-    assert_eq!(second.status.code(), Some(0), "stdout: {stdout}");
-    assert!(
-        stdout.contains("redriven: 0 applied, 0 still failing"),
-        "{stdout}"
-    );
     assert_eq!(
         dead_letters(&pipeline).await[0].redriven_at.as_deref(),
         Some(redriven_at.as_str())
@@ -359,7 +322,7 @@ async fn redrive_applies_a_dead_letter_the_current_code_accepts_and_marks_it_red
 #[tokio::test]
 async fn unknown_event_type_is_counted_and_ignored_not_dead_lettered() {
     // Arrange
-    let mut pipeline = Pipeline::start(Options::default()).await;
+    let mut pipeline = Pipeline::in_process(Options::default()).await;
     let payment_intent = json!({
         "id": "pi_unknown", "object": "payment_intent", "customer": "cus_pi", "amount": 2000,
         "currency": "usd", "status": "requires_payment_method", "livemode": false
@@ -367,21 +330,15 @@ async fn unknown_event_type_is_counted_and_ignored_not_dead_lettered() {
 
     // Act
     pipeline
-        .send(&Event::new("evt_pi_1", "payment_intent.created", T0, payment_intent).body())
+        .apply(&[Event::new("evt_pi_1", "payment_intent.created", T0, payment_intent).body()])
         .await;
-    pipeline.settle().await;
 
     // Assert
     assert_eq!(
         metric_total(&pipeline, "projector_events_ignored_total").await,
         1.0
     );
-    assert_eq!(
-        metric_total(&pipeline, "projector_dead_letters_total").await,
-        0.0
-    );
-    assert!(dead_letters(&pipeline).await.is_empty());
-    assert!(read_topic_to_end(&pipeline.dlq_topic).is_empty());
+    assert_nothing_dead_lettered(&pipeline).await;
     let (status, body) = pipeline.get("/v1/customers/cus_pi/entitlements").await;
     assert_eq!(status, 404, "an ignored event projects nothing: {body}");
     assert!(pipeline.changes().is_empty());
@@ -391,7 +348,7 @@ async fn unknown_event_type_is_counted_and_ignored_not_dead_lettered() {
 async fn thin_event_is_counted_not_dead_lettered_and_its_partition_flows_on() {
     // Arrange: a thin event about a customer (so keyed, and partitioned, by that customer),
     // then a backfill snapshot and an older webhook of the same customer behind it.
-    let mut pipeline = Pipeline::start(Options::default()).await;
+    let mut pipeline = Pipeline::in_process(Options::default()).await;
     let thin = json!({
         "id": "evt_test_thin_1",
         "object": "v2.core.event",
@@ -420,8 +377,7 @@ async fn thin_event_is_counted_not_dead_lettered_and_its_partition_flows_on() {
     // Act
     pipeline.send(&thin).await;
     pipeline.send(&backfilled.body()).await;
-    pipeline.send(&older_webhook.body()).await;
-    pipeline.settle().await;
+    pipeline.apply(&[older_webhook.body()]).await;
 
     // Assert: counted as a thin event, nothing dead-lettered, and the records behind it applied.
     assert_eq!(
@@ -432,12 +388,7 @@ async fn thin_event_is_counted_not_dead_lettered_and_its_partition_flows_on() {
         .await,
         1.0
     );
-    assert_eq!(
-        metric_total(&pipeline, "projector_dead_letters_total").await,
-        0.0
-    );
-    assert!(dead_letters(&pipeline).await.is_empty());
-    assert!(read_topic_to_end(&pipeline.dlq_topic).is_empty());
+    assert_nothing_dead_lettered(&pipeline).await;
     let view = pipeline.entitlements("cus_thin", None).await;
     assert_eq!(view["features"], json!(["api", "pro"]), "{view}");
     assert_eq!(view["subscriptions"][0]["status"], "active", "{view}");

@@ -15,8 +15,6 @@ use sqlx::Row;
 use common::events::*;
 use common::*;
 
-const T0: i64 = 1_767_225_600;
-
 fn email_update(id: &str, customer_id: &str, email: &str, created: i64) -> String {
     let object = with(customer(customer_id, false), "email", json!(email));
     Event::new(id, "customer.updated", created, object).body()
@@ -42,15 +40,7 @@ async fn a_redrive_with_one_record_still_refused_applies_the_others_and_keeps_on
     let mut bodies = Vec::new();
     for n in 0..6 {
         let id = format!("cus_redrive_{n}");
-        bodies.push(
-            Event::new(
-                &format!("evt_rd_c{n}"),
-                "customer.created",
-                T0,
-                customer(&id, false),
-            )
-            .body(),
-        );
+        bodies.push(customer_created(&format!("evt_rd_c{n}"), T0, &id));
     }
     bodies.push(email_update(
         "evt_rd_first",
@@ -74,8 +64,7 @@ async fn a_redrive_with_one_record_still_refused_applies_the_others_and_keeps_on
             T0 + 10,
         ));
     }
-    pipeline.send_all(&bodies).await;
-    pipeline.settle().await;
+    pipeline.apply(&bodies).await;
     let pending: i64 =
         sqlx::query_scalar("SELECT count(*) FROM dead_letters WHERE redriven_at IS NULL")
             .fetch_one(&mut db)
@@ -88,16 +77,11 @@ async fn a_redrive_with_one_record_still_refused_applies_the_others_and_keeps_on
         .execute(&mut db)
         .await
         .unwrap();
-    let output = pipeline.projector_command(&["redrive"]);
+    pipeline
+        .redrive(&[], 1, "redriven: 5 applied, 1 still failing")
+        .await;
 
     // Assert: the five fixed ones are applied, the one still refused stays pending.
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert_eq!(output.status.code(), Some(1), "{stdout}");
-    assert!(
-        stdout.contains("redriven: 5 applied, 1 still failing"),
-        "{stdout} / {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
     let rows = sqlx::query(
         "SELECT event_id, redriven_at IS NOT NULL AS redriven, sqlstate, message
          FROM dead_letters ORDER BY event_id",

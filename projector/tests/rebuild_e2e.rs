@@ -18,18 +18,12 @@ use serde_json::{json, Value};
 
 use common::events::*;
 use common::*;
+use testkit::kafka::produce_all;
 
-/// 2026-01-01T00:00:00Z.
-const T0: i64 = 1_767_225_600;
-const DAY: i64 = 86_400;
-const MONTH: i64 = 2_592_000;
 /// Webhook requests in flight at once: ingest answers after a durable append, so sending one at
 /// a time would spend the test waiting for acks.
 const IN_FLIGHT: usize = 16;
 
-const PRO: Item<'static> = ("price_pro_month", "prod_pro", None);
-const TEAM: Item<'static> = ("price_team_month", "prod_team", None);
-const ENTERPRISE: Item<'static> = ("price_ent_year", "prod_ent", Some("enterprise"));
 const CONNECT_ACCOUNT: &str = "acct_rebuild";
 
 // ---------------------------------------------------------------------------------------------
@@ -330,8 +324,7 @@ fn distinct_ids(bodies: &[String]) -> usize {
 /// Sends the scenario set, waits until it is applied and checks it did what the scenario says.
 async fn run_scenario(pipeline: &mut Pipeline) -> Vec<Expected> {
     let (events, expected) = scenario();
-    pipeline.send_all(&bodies(&events)).await;
-    pipeline.settle().await;
+    pipeline.apply(&bodies(&events)).await;
     for e in &expected {
         let view = pipeline.entitlements(e.customer, e.account).await;
         assert_eq!(
@@ -512,24 +505,21 @@ async fn rebuild_while_live_reproduces_every_projection_and_publishes_nothing() 
     );
     // Live processing carries on on the swapped tables.
     pipeline
-        .send(
-            &Event::new(
-                "evt_after_rebuild",
-                "customer.subscription.updated",
+        .apply(&[Event::new(
+            "evt_after_rebuild",
+            "customer.subscription.updated",
+            T0 + 2 * MONTH,
+            subscription(
+                "sub_trial",
+                "cus_trial",
+                "unpaid",
+                &[PRO],
                 T0 + 2 * MONTH,
-                subscription(
-                    "sub_trial",
-                    "cus_trial",
-                    "unpaid",
-                    &[PRO],
-                    T0 + 2 * MONTH,
-                    true,
-                ),
-            )
-            .body(),
+                true,
+            ),
         )
+        .body()])
         .await;
-    pipeline.settle().await;
     let view = pipeline.entitlements("cus_trial", None).await;
     assert_eq!(view["features"], json!([]));
     assert_eq!(
@@ -642,13 +632,11 @@ async fn rebuild_under_load_reflects_every_event_exactly_once() {
     let (events, _) = scenario();
     let mut log = bodies(&events);
     log.extend((0..PRELOAD).map(|i| {
-        Event::new(
+        customer_created(
             &format!("evt_pre_{i}"),
-            "customer.created",
             T0 + i as i64,
-            customer(&format!("cus_pre_{i}"), false),
+            &format!("cus_pre_{i}"),
         )
-        .body()
     }));
     pipeline.send_concurrently(&log).await;
     pipeline.settle().await;
@@ -1071,8 +1059,7 @@ fn history(pipeline: &Pipeline, args: &[&str]) -> Value {
 async fn history_and_at_replay_a_scripted_lifecycle_from_the_log() {
     // Arrange: trial → active → (paid) → (payment failed) → past_due → canceled.
     let mut pipeline = Pipeline::start(Options::default()).await;
-    pipeline.send_all(&bodies(&history_log())).await;
-    pipeline.settle().await;
+    pipeline.apply(&bodies(&history_log())).await;
 
     // Act
     let timeline = history(&pipeline, &["cus_hist", "--json"]);
@@ -1275,19 +1262,12 @@ async fn dead_letters_and_their_redrive_state_survive_a_rebuild_untouched() {
         malformed,
     );
     pipeline
-        .send_all(&[
-            Event::new(
-                "evt_dl_1",
-                "customer.created",
-                T0,
-                customer("cus_dl", false),
-            )
-            .body(),
+        .apply(&[
+            customer_created("evt_dl_1", T0, "cus_dl"),
             valid.clone(),
             malformed.body(),
         ])
         .await;
-    pipeline.settle().await;
     let record = read_topic_to_end(&pipeline.events_topic)
         .into_iter()
         .find(|m| m.payload() == Some(valid.as_bytes()))
@@ -1430,32 +1410,6 @@ fn log_producer() -> rdkafka::producer::FutureProducer {
     .expect("producer")
 }
 
-/// Appends `(key, body)` records to `topic`, waiting for every acknowledgement.
-async fn produce_all(
-    producer: &rdkafka::producer::FutureProducer,
-    topic: &str,
-    records: impl Iterator<Item = (String, String)>,
-) -> u64 {
-    use rdkafka::producer::FutureRecord;
-    let mut deliveries = Vec::new();
-    for (key, body) in records {
-        loop {
-            match producer.send_result(FutureRecord::to(topic).key(&key).payload(&body)) {
-                Ok(delivery) => {
-                    deliveries.push(delivery);
-                    break;
-                }
-                Err(_) => producer.poll(Duration::from_millis(10)),
-            }
-        }
-    }
-    let n = deliveries.len() as u64;
-    for delivery in deliveries {
-        delivery.await.expect("delivery").expect("delivered");
-    }
-    n
-}
-
 /// `projector rebuild --json` on a blocking thread, so the test's monitors keep running.
 async fn rebuild_within(pipeline: &Pipeline, deadline: Duration, what: &'static str) -> Value {
     let command = pipeline.projector_cli(&["rebuild", "--json"]);
@@ -1572,13 +1526,8 @@ async fn large_rebuild_after_a_crashed_one_pauses_live_under_2_s_and_the_api_und
             let mut n = 0;
             while !done.load(Ordering::SeqCst) {
                 let customer_id = format!("cus_trickle_{n}");
-                let body = Event::new(
-                    &format!("evt_trickle_{n}"),
-                    "customer.created",
-                    T0 + MONTH,
-                    customer(&customer_id, false),
-                )
-                .body();
+                let event_id = format!("evt_trickle_{n}");
+                let body = customer_created(&event_id, T0 + MONTH, &customer_id);
                 produce_all(&producer, &topic, std::iter::once((customer_id, body))).await;
                 n += 1;
                 trickled.store(n, Ordering::SeqCst);

@@ -17,10 +17,6 @@ use sqlx::Row;
 use common::events::*;
 use common::*;
 
-const T0: i64 = 1_767_225_600;
-const MONTH: i64 = 2_592_000;
-const PRO: Item<'static> = ("price_pro_month", "prod_pro", None);
-
 fn subscription_created(n: usize, customer: &str) -> String {
     Event::new(
         &format!("evt_rb_sub_{n}"),
@@ -151,13 +147,7 @@ async fn a_record_postgres_refuses_becomes_a_dead_letter_with_its_sqlstate_and_i
     refused["email"] = json!("refused@example.com");
     let poison = Event::new("evt_pg_2", "customer.updated", T0 + 10, refused).body();
     let mut bodies = vec![
-        Event::new(
-            "evt_pg_1",
-            "customer.created",
-            T0,
-            customer("cus_pg", false),
-        )
-        .body(),
+        customer_created("evt_pg_1", T0, "cus_pg"),
         poison.clone(),
         Event::new(
             "evt_pg_3",
@@ -288,8 +278,7 @@ async fn an_old_event_redelivered_after_its_id_was_pruned_changes_nothing() {
         subscription("sub_pr", "cus_pr", "canceled", &[PRO], T0 + MONTH, true),
     )
     .body();
-    pipeline.send_all(&[&created, &canceled]).await;
-    pipeline.settle().await;
+    pipeline.apply(&[&created, &canceled]).await;
     let changes_before = pipeline.changes().len();
     assert!(changes_before >= 1);
     assert_eq!(
@@ -315,8 +304,7 @@ async fn an_old_event_redelivered_after_its_id_was_pruned_changes_nothing() {
     }
 
     // Act: Stripe redelivers both, the older one last, after their ids were forgotten.
-    pipeline.send_all(&[&canceled, &created]).await;
-    pipeline.settle().await;
+    pipeline.apply(&[&canceled, &created]).await;
 
     // Assert: both were applied again, not deduped (pruning may forget them again at once, so
     // the projector's counters say it rather than the table), as no-ops.
@@ -398,13 +386,12 @@ async fn a_gap_of_records_removed_by_retention_is_accepted_logged_and_counted() 
     // log's start moved past the first two of those (what retention does).
     let mut pipeline = Pipeline::start(Options::default()).await;
     pipeline
-        .send_all(
+        .apply(
             &(0..3)
                 .map(|n| customer_update("cus_gap", n))
                 .collect::<Vec<_>>(),
         )
         .await;
-    pipeline.settle().await;
     let (partition, next) = only_partition(&pipeline).await;
     assert_eq!(next, 3);
     pipeline.projector.take().unwrap().terminate();
@@ -453,13 +440,12 @@ async fn a_gap_over_records_the_log_still_holds_is_read_again_never_skipped() {
     // batch of 3..6 had never committed, while the consumer has read on.
     let mut pipeline = Pipeline::start(Options::default()).await;
     pipeline
-        .send_all(
+        .apply(
             &(0..6)
                 .map(|n| customer_update("cus_hole", n))
                 .collect::<Vec<_>>(),
         )
         .await;
-    pipeline.settle().await;
     let (partition, _) = only_partition(&pipeline).await;
     let mut db = pipeline.db().await;
     sqlx::query("DELETE FROM processed_events WHERE event_id = 'evt_cus_hole_4'")
@@ -474,8 +460,7 @@ async fn a_gap_over_records_the_log_still_holds_is_read_again_never_skipped() {
         .unwrap();
 
     // Act: the next record (offset 6) finds the stored offset behind it.
-    pipeline.send(&customer_update("cus_hole", 6)).await;
-    pipeline.settle().await;
+    pipeline.apply(&[customer_update("cus_hole", 6)]).await;
 
     // Assert: 3..6 were read again rather than skipped (4, whose id was forgotten, applied
     // anew; 3 and 5 recognised as applied), and no gap was accepted.
@@ -518,15 +503,7 @@ async fn a_missing_table_is_retried_until_it_is_back_and_nothing_is_dead_lettere
 
     // Act: an event arrives while it is missing; then the table comes back.
     pipeline
-        .send(
-            &Event::new(
-                "evt_away_1",
-                "customer.created",
-                T0,
-                customer("cus_away", false),
-            )
-            .body(),
-        )
+        .send(&customer_created("evt_away_1", T0, "cus_away"))
         .await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while metric(

@@ -8,14 +8,9 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::events::{customer, subscription, with, Event, Item};
+use common::events::{customer, subscription, with, Event, Item, DAY, PRO, T0, TEAM};
 use common::{binary, unique, Endpoints, Options, Pipeline};
 use serde_json::json;
-
-const T0: i64 = 1_767_225_600;
-const DAY: i64 = 86_400;
-const PRO: Item<'static> = ("price_pro_month", "prod_pro", None);
-const TEAM: Item<'static> = ("price_team_month", "prod_team", None);
 
 /// How long a misconfigured service may take to give up (SPEC §12: "within seconds").
 const FAIL_FAST: Duration = Duration::from_secs(15);
@@ -139,8 +134,7 @@ async fn a_subscription_lifecycle_converges_over_sasl_ssl_kafka_and_tls_postgres
     // One at a time, so that each step is its own batch and its own change message.
     let mut features = Vec::new();
     for event in &events {
-        pipeline.send(&event.body()).await;
-        pipeline.settle().await;
+        pipeline.apply(&[event.body()]).await;
         features.push(pipeline.entitlements(c, None).await["features"].clone());
     }
     assert_eq!(

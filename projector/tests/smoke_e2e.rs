@@ -10,14 +10,8 @@ async fn checkout_then_subscription_grants_features_visible_in_api_and_topic() {
     let mut pipeline = Pipeline::start(Options::default()).await;
     let t = 1_767_225_600;
     pipeline
-        .send_all(&[
-            Event::new(
-                "evt_s1",
-                "customer.created",
-                t,
-                customer("cus_smoke", false),
-            )
-            .body(),
+        .apply(&[
+            customer_created("evt_s1", t, "cus_smoke"),
             Event::new(
                 "evt_s2",
                 "checkout.session.completed",
@@ -49,7 +43,6 @@ async fn checkout_then_subscription_grants_features_visible_in_api_and_topic() {
             .body(),
         ])
         .await;
-    pipeline.settle().await;
 
     let view = pipeline.entitlements("cus_smoke", None).await;
     assert_eq!(view["features"], serde_json::json!(["api", "pro"]));

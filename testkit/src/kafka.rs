@@ -6,6 +6,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::names::unique;
@@ -124,6 +125,18 @@ pub fn read_topic_to_end(topic: &str) -> Vec<OwnedMessage> {
     records
 }
 
+/// Asserts the value of each named header, `None` for an absent one.
+#[track_caller]
+pub fn assert_headers(message: &OwnedMessage, expected: &[(&str, Option<&str>)]) {
+    for (name, value) in expected {
+        assert_eq!(
+            header_value(message, name).as_deref(),
+            *value,
+            "header {name}"
+        );
+    }
+}
+
 pub fn header_value(message: &OwnedMessage, name: &str) -> Option<String> {
     let headers = message.headers()?;
     headers
@@ -151,4 +164,37 @@ pub fn key_str(message: &OwnedMessage) -> Option<String> {
     message
         .key()
         .map(|k| String::from_utf8(k.to_vec()).expect("a UTF-8 key"))
+}
+
+/// Queues one record, serving the producer's callbacks while its queue is full; the future
+/// resolves once the broker has acknowledged it.
+pub fn enqueue(producer: &FutureProducer, topic: &str, key: &str, payload: &str) -> DeliveryFuture {
+    let mut record = FutureRecord::to(topic).key(key).payload(payload);
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return delivery,
+            Err((_, returned)) => {
+                record = returned;
+                producer.poll(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// Appends `(key, payload)` records to `topic` in order, bypassing ingest (to build a large log
+/// fast), and waits for every acknowledgement. Returns how many it appended.
+pub async fn produce_all(
+    producer: &FutureProducer,
+    topic: &str,
+    records: impl IntoIterator<Item = (String, String)>,
+) -> u64 {
+    let deliveries: Vec<DeliveryFuture> = records
+        .into_iter()
+        .map(|(key, payload)| enqueue(producer, topic, &key, &payload))
+        .collect();
+    let appended = deliveries.len() as u64;
+    for delivery in deliveries {
+        delivery.await.expect("delivery").expect("delivered");
+    }
+    appended
 }

@@ -61,18 +61,25 @@ impl LocalStripe {
         stripe
     }
 
-    /// POST with a JSON body (localstripe reads JSON as well as forms); returns status and body.
-    pub async fn post_status(&self, path: &str, body: Value) -> (u16, Value) {
-        let response = self
-            .client
-            .post(format!("{}{path}", self.base))
+    /// Sends `request` with the API key; returns status and JSON body (`null` when none).
+    async fn answer(&self, request: reqwest::RequestBuilder, what: &str) -> (u16, Value) {
+        let response = request
             .bearer_auth(API_KEY)
-            .json(&body)
             .send()
             .await
-            .expect("POST to localstripe");
+            .unwrap_or_else(|e| panic!("{what} at localstripe: {e}"));
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// POST with a JSON body (localstripe reads JSON as well as forms); returns status and body.
+    pub async fn post_status(&self, path: &str, body: Value) -> (u16, Value) {
+        let request = self.client.post(self.url(path)).json(&body);
+        self.answer(request, "POST").await
     }
 
     pub async fn post(&self, path: &str, body: Value) -> Value {
@@ -85,27 +92,16 @@ impl LocalStripe {
     }
 
     pub async fn get_status(&self, path: &str) -> (u16, Value) {
-        let response = self
-            .client
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(API_KEY)
-            .send()
-            .await
-            .expect("GET from localstripe");
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
+        self.answer(self.client.get(self.url(path)), "GET").await
     }
 
     pub async fn delete(&self, path: &str) -> Value {
-        let response = self
-            .client
-            .delete(format!("{}{path}", self.base))
-            .bearer_auth(API_KEY)
-            .send()
-            .await
-            .expect("DELETE at localstripe");
-        assert!(response.status().is_success(), "DELETE {path}");
-        response.json().await.unwrap()
+        let (status, answer) = self
+            .answer(self.client.delete(self.url(path)), "DELETE")
+            .await;
+        assert!((200..300).contains(&status), "DELETE {path}: {status}");
+        assert!(!answer.is_null(), "DELETE {path} answered no JSON");
+        answer
     }
 
     /// The products and plans every scenario uses; created once, 409 when another test did.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rdkafka::message::OwnedMessage;
 
-pub use testkit::kafka::{header_value, key_str, payload_str};
+pub use testkit::kafka::{assert_headers, header_value, key_str, payload_str};
 pub use testkit::signing::post_with_header as post_url_with_header;
 pub use testkit::stripe::Event;
 pub use testkit::{brokers, kafka_settings, now, unique, Service};
@@ -70,6 +70,15 @@ impl Ingest {
         self.service.child.id()
     }
 
+    /// The status of a GET of `path` (`/healthz`, `/readyz`).
+    pub async fn status_of(&self, client: &reqwest::Client, path: &str) -> u16 {
+        let response = client.get(self.url(path)).send().await;
+        response
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+            .status()
+            .as_u16()
+    }
+
     /// Stderr lines since start-up up to the first containing `pattern` (10 s deadline).
     pub fn logs_until(&self, pattern: &str) -> Vec<String> {
         self.service.logs_until(pattern)
@@ -97,6 +106,15 @@ pub async fn post_with_header(
 /// A Stripe event envelope around `object`, created now.
 pub fn event(id: &str, event_type: &str, object: serde_json::Value) -> String {
     Event::new(id, event_type, now(), object).body()
+}
+
+/// A `customer.created` event of a bare customer object, created now: the smallest valid event.
+pub fn customer_created(id: &str, customer: &str) -> String {
+    event(
+        id,
+        "customer.created",
+        serde_json::json!({"id": customer, "object": "customer"}),
+    )
 }
 
 /// Reads records from every partition of `topic` from the beginning until `count` have arrived,

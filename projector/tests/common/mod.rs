@@ -3,7 +3,9 @@
 // Each test binary uses a part of it.
 #![allow(dead_code, unused_imports)]
 
+pub mod app;
 pub mod events;
+pub mod workload;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -114,10 +116,17 @@ impl Options {
     }
 }
 
+pub use app::TestApp;
+use events::Event;
+
 /// Ingest + projector with their own topics, group and database (dropped with the pipeline).
+/// The projector is the `projector run` binary ([`Pipeline::start`]) or the same application
+/// inside the test process ([`Pipeline::in_process`]).
 pub struct Pipeline {
     pub ingest: Service,
     pub projector: Option<Service>,
+    /// The in-process projector of [`Pipeline::in_process`].
+    pub app: Option<TestApp>,
     pub events_topic: String,
     pub changes_topic: String,
     pub dlq_topic: String,
@@ -133,7 +142,22 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// With the `projector run` binary: for tests of the process (crash, signals, CLI, chaos).
     pub async fn start(options: Options) -> Pipeline {
+        let mut pipeline = Pipeline::without_projector(options).await;
+        pipeline.start_projector();
+        pipeline
+    }
+
+    /// With the projector's [`TestApp`] in this process: for tests of what it serves and
+    /// projects, where a real process is not the point.
+    pub async fn in_process(options: Options) -> Pipeline {
+        let mut pipeline = Pipeline::without_projector(options).await;
+        pipeline.app = Some(TestApp::start(&pipeline.projector_env()));
+        pipeline
+    }
+
+    async fn without_projector(options: Options) -> Pipeline {
         let name = unique("e2e");
         let database = TestDatabase::create(&options.endpoints.admin_database_url).await;
         let entitlements_path = std::env::temp_dir().join(format!("{name}.toml"));
@@ -142,9 +166,10 @@ impl Pipeline {
         let changes_topic = format!("{name}.changes");
         let dlq_topic = format!("{name}.dlq");
         let ingest = spawn_ingest(&options.endpoints.kafka_env, &events_topic, &dlq_topic);
-        let mut pipeline = Pipeline {
+        Pipeline {
             ingest,
             projector: None,
+            app: None,
             events_topic,
             changes_topic,
             dlq_topic,
@@ -155,9 +180,7 @@ impl Pipeline {
             client: reqwest::Client::new(),
             appended: 0,
             database,
-        };
-        pipeline.start_projector();
-        pipeline
+        }
     }
 
     /// Starts ingest again on the same topics (after `ingest.kill()`, or to restart it); the
@@ -219,7 +242,10 @@ impl Pipeline {
     }
 
     pub fn start_projector(&mut self) {
-        assert!(self.projector.is_none(), "projector already running");
+        assert!(
+            self.projector.is_none() && self.app.is_none(),
+            "projector already running"
+        );
         self.projector = Some(self.spawn_projector());
     }
 
@@ -244,15 +270,28 @@ impl Pipeline {
         self.projector_cli(args).output().unwrap()
     }
 
+    /// Runs `projector redrive <args>`, then settles what it applied; asserts its exit status
+    /// and that stdout reports `summary` (`redriven: 1 applied, 0 still failing`). Returns stdout.
+    pub async fn redrive(&self, args: &[&str], exit: i32, summary: &str) -> String {
+        let output = self.projector_command(&[&["redrive"], args].concat());
+        self.settle().await;
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(exit), "{stdout} / {stderr}");
+        assert!(stdout.contains(summary), "{stdout} / {stderr}");
+        stdout
+    }
+
     pub fn ingest_url(&self) -> String {
         self.ingest.url("/webhooks/stripe")
     }
 
     pub fn api_url(&self, path: &str) -> String {
-        self.projector
-            .as_ref()
-            .expect("projector running")
-            .url(path)
+        match (&self.projector, &self.app) {
+            (Some(service), _) => service.url(path),
+            (None, Some(app)) => app.url(path),
+            (None, None) => panic!("no projector running"),
+        }
     }
 
     /// Signs and POSTs one event body; asserts 200.
@@ -265,6 +304,13 @@ impl Pipeline {
         for body in bodies {
             self.send(body.as_ref()).await;
         }
+    }
+
+    /// Sends the bodies in order and waits until they are applied: [`send_all`](Self::send_all)
+    /// then [`settle`](Self::settle).
+    pub async fn apply<S: AsRef<str>>(&mut self, bodies: &[S]) {
+        self.send_all(bodies).await;
+        self.settle().await;
     }
 
     /// Signs and POSTs every body, `IN_FLIGHT` at a time, and counts them as appended.
@@ -377,6 +423,49 @@ fn ingest_env(
 impl Drop for Pipeline {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.entitlements_path);
+    }
+}
+
+/// A customer as the read API and the change topic address it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CustomerRef {
+    pub account: Option<String>,
+    pub customer: String,
+}
+
+impl CustomerRef {
+    pub fn of(event: &Event) -> CustomerRef {
+        let object = &event.object;
+        let customer = if object["object"] == "customer" {
+            &object["id"]
+        } else {
+            &object["customer"]
+        };
+        CustomerRef {
+            account: event.account.clone(),
+            customer: customer
+                .as_str()
+                .unwrap_or_else(|| panic!("event {} names no customer", event.id))
+                .to_owned(),
+        }
+    }
+
+    /// The change topic's key (SPEC §9).
+    pub fn key(&self) -> String {
+        match &self.account {
+            Some(account) => format!("{account}/{}", self.customer),
+            None => self.customer.clone(),
+        }
+    }
+
+    pub fn path(&self) -> String {
+        match &self.account {
+            Some(account) => format!(
+                "/v1/customers/{}/entitlements?account={account}",
+                self.customer
+            ),
+            None => format!("/v1/customers/{}/entitlements", self.customer),
+        }
     }
 }
 
