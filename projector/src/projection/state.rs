@@ -4,6 +4,7 @@
 //! strictly greater one. That is a max over a total order, so applying any permutation of a set
 //! of events, with any duplicates, converges to the same state (see `properties.rs`).
 
+use std::borrow::Borrow;
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 
@@ -117,6 +118,36 @@ pub struct ObjectKey {
     pub id: String,
 }
 
+impl ObjectKey {
+    /// The object `snapshot` (of `event`) is a snapshot of.
+    pub fn of(event: &ProjectedEvent, snapshot: &Snapshot) -> Self {
+        ObjectKey {
+            account: event.account.clone(),
+            kind: snapshot.kind(),
+            id: snapshot.object_id().to_owned(),
+        }
+    }
+}
+
+/// Keeps in `objects[key]` whichever of the held event and `event` has the greater rank, under
+/// [`newer`]: what every coalescing of a batch or a chunk does per object.
+pub fn keep_max_rank<E: Borrow<ProjectedEvent>>(
+    objects: &mut HashMap<ObjectKey, E>,
+    key: ObjectKey,
+    event: E,
+) {
+    match objects.entry(key) {
+        Entry::Occupied(mut held) => {
+            if newer(Some(&held.get().borrow().rank), &event.borrow().rank) {
+                held.insert(event);
+            }
+        }
+        Entry::Vacant(slot) => {
+            slot.insert(event);
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct CustomerKey {
     pub account: String,
@@ -174,21 +205,7 @@ impl<'e> CoalescedBatch<'e> {
                     deleted,
                 });
         }
-        let key = ObjectKey {
-            account: event.account.clone(),
-            kind: snapshot.kind(),
-            id: snapshot.object_id().to_owned(),
-        };
-        match self.objects.entry(key) {
-            Entry::Occupied(mut held) => {
-                if newer(Some(&held.get().rank), &event.rank) {
-                    held.insert(event);
-                }
-            }
-            Entry::Vacant(slot) => {
-                slot.insert(event);
-            }
-        }
+        keep_max_rank(&mut self.objects, ObjectKey::of(event, snapshot), event);
     }
 
     /// The objects in key order: one order for every writer of the same rows.

@@ -45,16 +45,13 @@ async fn read_stored(
     touched: &[&CustomerKey],
 ) -> Result<HashMap<CustomerKey, StoredEntitlement>, sqlx::Error> {
     let keys = KeyColumns::of(touched);
-    let rows: Vec<StoredEntitlement> = sqlx::query_as(&format!(
+    let sql = format!(
         "SELECT k.account, k.customer, e.version, e.view, e.features,
                 COALESCE(extract(epoch FROM e.updated_at)::int8, {NEWEST_INVOICE_CREATED}) AS last_event_created
          FROM UNNEST($1::text[], $2::text[]) AS k(account, customer)
          LEFT JOIN entitlements e ON e.account = k.account AND e.customer = k.customer"
-    ))
-    .bind(&keys.account)
-    .bind(&keys.customer)
-    .fetch_all(&mut **tx)
-    .await?;
+    );
+    let rows: Vec<StoredEntitlement> = keys.bind(sqlx::query_as(&sql)).fetch_all(&mut **tx).await?;
     Ok(rows
         .into_iter()
         .map(|row| {

@@ -4,6 +4,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use serde_json::value::RawValue;
+use sqlx::postgres::PgArguments;
+use sqlx::query::QueryAs;
 use sqlx::types::Json;
 use sqlx::{Postgres, Transaction};
 
@@ -118,16 +120,13 @@ async fn newest_invoices(
     keys: &[&CustomerKey],
 ) -> Result<Vec<NewestInvoice>, sqlx::Error> {
     let keys = KeyColumns::of(keys);
-    let rows: Vec<NewestInvoiceRow> = sqlx::query_as(&format!(
+    let sql = format!(
         "SELECT account, customer, created FROM (
              SELECT k.account, k.customer, {NEWEST_INVOICE_CREATED} AS created
              FROM UNNEST($1::text[], $2::text[]) AS k(account, customer)) n
          WHERE created IS NOT NULL"
-    ))
-    .bind(&keys.account)
-    .bind(&keys.customer)
-    .fetch_all(&mut **tx)
-    .await?;
+    );
+    let rows: Vec<NewestInvoiceRow> = keys.bind(sqlx::query_as(&sql)).fetch_all(&mut **tx).await?;
     Ok(rows
         .into_iter()
         .map(|row| NewestInvoice {
@@ -152,6 +151,14 @@ impl<'a> KeyColumns<'a> {
             account: keys.iter().map(|k| k.account.as_str()).collect(),
             customer: keys.iter().map(|k| k.customer.as_str()).collect(),
         }
+    }
+
+    /// Binds the two arrays as `$1` and `$2`.
+    pub fn bind<'q, O>(
+        &'q self,
+        query: QueryAs<'q, Postgres, O, PgArguments>,
+    ) -> QueryAs<'q, Postgres, O, PgArguments> {
+        query.bind(&self.account).bind(&self.customer)
     }
 }
 
@@ -185,9 +192,9 @@ pub(super) async fn load_snapshots(
             )
         })
         .collect();
-    let rows: Vec<StoredSnapshot> = sqlx::query_as(&load_sql())
-        .bind(&key_columns.account)
-        .bind(&key_columns.customer)
+    let sql = load_sql();
+    let rows: Vec<StoredSnapshot> = key_columns
+        .bind(sqlx::query_as(&sql))
         .bind(&won_source)
         .bind(&won_account)
         .bind(&won_id)
