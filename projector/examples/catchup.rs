@@ -135,6 +135,18 @@ async fn main() {
     if let Ok(max) = std::env::var("BATCH_MAX_EVENTS") {
         env.push(("BATCH_MAX_EVENTS", max));
     }
+    // The allocator settings the Dockerfile ships (a fixed mmap threshold, two arenas), unless
+    // set here already; `BENCH_MALLOC_DEFAULTS=1` measures glibc's defaults instead.
+    if std::env::var_os("BENCH_MALLOC_DEFAULTS").is_none() {
+        for (name, value) in [
+            ("MALLOC_MMAP_THRESHOLD_", "131072"),
+            ("MALLOC_ARENA_MAX", "2"),
+        ] {
+            if std::env::var_os(name).is_none() {
+                env.push((name, value.into()));
+            }
+        }
+    }
     let started = Instant::now();
     let mut child = Command::new(&projector)
         .arg("run")

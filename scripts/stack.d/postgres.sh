@@ -2,6 +2,11 @@
 # shellcheck shell=bash
 
 PG_DATA=$STACK_DIR/postgres
+# A quarter of RAM, as managed servers size it, between 128MB (Postgres's default) and 2GB.
+if [[ -z ${PG_SHARED_BUFFERS:-} ]]; then
+    PG_SHARED_BUFFERS=$(awk '/^MemTotal:/ { mb = int($2 / 4096); if (mb > 2048) mb = 2048; if (mb < 128) mb = 128; print mb "MB" }' /proc/meminfo 2>/dev/null || true)
+    PG_SHARED_BUFFERS=${PG_SHARED_BUFFERS:-128MB}
+fi
 PG_LOG=$STACK_DIR/postgres.log
 # The Unix socket lives with our data (not /var/run/postgresql, which may be missing or belong to
 # Debian's cluster). Socket paths are limited to ~107 bytes, so a deep checkout falls back to /tmp.
@@ -147,6 +152,11 @@ EOF
     mv -- "$tmp" "$PG_DATA"
 }
 
+# lz4 where the server was built with it (Debian's and the official builds are), else pglz.
+pg_wal_compression() {
+    if [[ -n $PG_BIN ]] && ldd "$PG_BIN/postgres" 2>/dev/null | grep -q liblz4; then echo lz4; else echo pglz; fi
+}
+
 pg_conf_text() {
     local sock=${PG_SOCKET_DIR//\'/\'\'}
     cat <<EOF
@@ -161,6 +171,17 @@ password_encryption = 'scram-sha-256'
 ssl = on
 ssl_cert_file = 'server.crt'
 ssl_key_file = 'server.key'
+# What a managed Postgres of this size runs (the big providers set shared_buffers to about a
+# quarter of RAM and max_wal_size in GBs), not the compiled-in defaults (128MB, 1GB): with those
+# a 1M-event catch-up outgrew the buffers (backends evicted 1.15M dirty buffers themselves) and
+# forced a checkpoint per GB of WAL, each followed by full-page writes of every page touched
+# again, so the cost per event grew with the log (BENCHMARKS.md, "Catch-up, 2026-12-02 second
+# round"). shared_buffers takes effect at the next restart of the server.
+shared_buffers = '$PG_SHARED_BUFFERS'
+max_wal_size = '8GB'
+min_wal_size = '1GB'
+checkpoint_timeout = '15min'
+wal_compression = '$(pg_wal_compression)'
 EOF
 }
 
@@ -179,11 +200,17 @@ write_pg_conf() {
 }
 
 # A cluster started by an older scripts/stack (or before the certificate changed): apply the
-# TLS settings with a reload, which Postgres takes without a restart.
+# settings with a reload. Those a reload cannot change (shared_buffers) wait for a restart,
+# which is said rather than done: the running server may be serving others.
 pg_apply_conf() {
     write_pg_conf || return 0
-    log "PostgreSQL: applying the TLS settings (reload) ..."
+    log "PostgreSQL: applying the settings (reload) ..."
     as_pg "$PG_BIN/pg_ctl" -D "$PG_DATA" -s reload || die "pg_ctl reload failed; see $PG_LOG"
+    local pending
+    pending=$(as_pg "$PG_BIN/psql" -h "$PG_SOCKET_DIR" -p "$PG_PORT" -d postgres -qAtX \
+        -c "select string_agg(name, ', ') from pg_settings where pending_restart" 2>/dev/null || true)
+    [[ -z $pending ]] ||
+        log "PostgreSQL: $pending take effect at the next restart (scripts/stack down && scripts/stack up)"
 }
 
 # Log in over TLS, verifying the server certificate against our CA, as DATABASE_URL_TLS does.

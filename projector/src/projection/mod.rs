@@ -33,7 +33,8 @@ pub use snapshot::{
     ObjectKind, Snapshot, SubscriptionItem, SubscriptionSnapshot,
 };
 pub use state::{
-    coalesce, newer, CoalescedBatch, CustomerKey, CustomerState, CustomerTouch, ObjectKey,
+    coalesce, keep_max_rank, newer, CoalescedBatch, CustomerKey, CustomerState, CustomerTouch,
+    ObjectKey,
 };
 
 /// An event reduced to what the projection needs, owned so it can outlive the consumed record.

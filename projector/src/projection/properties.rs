@@ -370,9 +370,10 @@ fn assert_converges(history: &[ProjectedEvent], arrival: &[ProjectedEvent]) {
     let in_order = replay(history);
     let shuffled = replay(arrival);
     let coalesced = replay(
-        &coalesce(arrival.iter().cloned())
+        &coalesce(arrival)
             .objects
             .into_values()
+            .cloned()
             .collect::<Vec<_>>(),
     );
 
@@ -385,10 +386,7 @@ fn assert_converges(history: &[ProjectedEvent], arrival: &[ProjectedEvent]) {
     // (see `CoalescedBatch::customers`), that loses nothing.
     assert_eq!(held(&coalesced), held(&in_order));
     assert_eq!(coalesced.last_event_created, in_order.last_event_created);
-    let deleted_in_batch = coalesce(arrival.iter().cloned())
-        .customers
-        .values()
-        .any(|t| t.deleted);
+    let deleted_in_batch = coalesce(arrival).customers.values().any(|t| t.deleted);
     assert_eq!(coalesced.deleted || deleted_in_batch, in_order.deleted);
 }
 

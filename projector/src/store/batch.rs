@@ -3,6 +3,7 @@
 //! rows, dead letters, and the consumed offsets. The order and what each [`BatchMode`] writes
 //! live here; each table's statements live in the module named after it.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use sqlx::PgPool;
@@ -141,18 +142,23 @@ pub async fn apply_batch<R: BatchRecord>(
         records.iter().collect()
     };
 
-    // 2. Decode (done ahead by the consumer); what cannot be used becomes a dead letter.
-    let mut projected: Vec<ProjectedEvent> = Vec::with_capacity(records.len());
+    // 2. Decode (done ahead by the consumer, and then borrowed, not copied); what cannot be
+    //    used becomes a dead letter.
+    let decoded: Vec<(&InputRecord, Cow<'_, Decoded>)> = records
+        .iter()
+        .map(|record| (record.record(), record.decoded()))
+        .collect();
+    let mut projected: Vec<&ProjectedEvent> = Vec::with_capacity(decoded.len());
     let mut dead: Vec<DeadLetter<'_>> = Vec::new();
-    for record in &records {
-        match record.decoded().into_owned() {
-            Decoded::Event(event) => projected.push(*event),
+    for (record, decoded) in &decoded {
+        match decoded.as_ref() {
+            Decoded::Event(event) => projected.push(event),
             Decoded::Rejected(rejection) => dead.push(DeadLetter {
-                record: record.record(),
-                event_id: rejection.event_id,
-                event_type: rejection.event_type,
+                record,
+                event_id: rejection.event_id.clone(),
+                event_type: rejection.event_type.clone(),
                 reason: rejection.reason,
-                message: rejection.message,
+                message: rejection.message.clone(),
                 sqlstate: None,
             }),
         }
@@ -161,7 +167,7 @@ pub async fn apply_batch<R: BatchRecord>(
     // 3. Dedupe by event id: within the batch, then against everything applied before.
     let mut seen = HashSet::new();
     projected.retain(|event| {
-        let first = seen.insert(event.event_id.clone());
+        let first = seen.insert(event.event_id.as_str());
         if !first {
             outcome.duplicates += 1;
         }
@@ -201,17 +207,18 @@ pub async fn apply_batch<R: BatchRecord>(
     // 5. Lock every touched customer before anything of theirs is written or read, so that a
     //    concurrent batch or redrive of the same customer commits entirely before or after
     //    this one. Then upsert the newest snapshot per object, guarded by rank in SQL as well.
-    let batch = coalesce(projected);
+    let batch = coalesce(projected.iter().copied());
     if ctx.mode.writes_live_tables() {
         lock_customers(&mut tx, batch.customers.keys()).await?;
     }
-    let won = upsert_objects(&mut tx, &batch.objects).await?;
-    let deleted: Vec<&CustomerKey> = batch
+    let won = upsert_objects(&mut tx, &batch).await?;
+    let mut deleted: Vec<&CustomerKey> = batch
         .customers
         .iter()
         .filter(|(_, t)| t.deleted)
         .map(|(k, _)| k)
         .collect();
+    deleted.sort_unstable();
     mark_deleted(&mut tx, &deleted).await?;
 
     // 6. Recompute the touched customers' entitlements; a change gets a version and a message.

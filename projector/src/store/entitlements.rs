@@ -13,7 +13,7 @@ use crate::projection::{
     change_message, compute, same_entitlements, CoalescedBatch, CustomerKey, EntitlementView,
 };
 
-use super::load::load_snapshots;
+use super::load::{load_snapshots, KeyColumns, NEWEST_INVOICE_CREATED};
 use super::objects::Won;
 use super::outbox::{OutboxRows, INSERT_OUTBOX};
 use super::BatchContext;
@@ -42,22 +42,16 @@ struct StoredEntitlement {
 /// out).
 async fn read_stored(
     tx: &mut Transaction<'_, Postgres>,
-    touched: &[CustomerKey],
+    touched: &[&CustomerKey],
 ) -> Result<HashMap<CustomerKey, StoredEntitlement>, sqlx::Error> {
-    let accounts: Vec<&str> = touched.iter().map(|k| k.account.as_str()).collect();
-    let customers: Vec<&str> = touched.iter().map(|k| k.customer.as_str()).collect();
-    let rows: Vec<StoredEntitlement> = sqlx::query_as(
+    let keys = KeyColumns::of(touched);
+    let sql = format!(
         "SELECT k.account, k.customer, e.version, e.view, e.features,
-                COALESCE(extract(epoch FROM e.updated_at)::int8,
-                         (SELECT max(i.rank_created) FROM invoices i
-                          WHERE i.account = k.account AND i.customer = k.customer)) AS last_event_created
+                COALESCE(extract(epoch FROM e.updated_at)::int8, {NEWEST_INVOICE_CREATED}) AS last_event_created
          FROM UNNEST($1::text[], $2::text[]) AS k(account, customer)
-         LEFT JOIN entitlements e ON e.account = k.account AND e.customer = k.customer",
-    )
-    .bind(&accounts)
-    .bind(&customers)
-    .fetch_all(&mut **tx)
-    .await?;
+         LEFT JOIN entitlements e ON e.account = k.account AND e.customer = k.customer"
+    );
+    let rows: Vec<StoredEntitlement> = keys.bind(sqlx::query_as(&sql)).fetch_all(&mut **tx).await?;
     Ok(rows
         .into_iter()
         .map(|row| {
@@ -109,11 +103,12 @@ impl EntitlementRows {
 pub(super) async fn write_entitlement_changes(
     tx: &mut Transaction<'_, Postgres>,
     ctx: &BatchContext<'_>,
-    batch: &CoalescedBatch,
+    batch: &CoalescedBatch<'_>,
     won: &Won,
     causes: &HashMap<CustomerKey, Cause>,
 ) -> Result<u64, sqlx::Error> {
-    let touched: Vec<CustomerKey> = batch.customers.keys().cloned().collect();
+    // In key order: a batch's messages are written in a deterministic order.
+    let touched = batch.sorted_customers();
     if touched.is_empty() {
         return Ok(0);
     }
@@ -123,8 +118,10 @@ pub(super) async fn write_entitlement_changes(
     let mut upsert = EntitlementRows::default();
     let mut outbox = OutboxRows::default();
     let mut changes = 0u64;
-    // `states` is ordered by customer: a batch's messages are written in a deterministic order.
-    for (key, state) in &mut states {
+    for key in touched {
+        let Some(state) = states.get_mut(key) else {
+            continue;
+        };
         let stored = stored.get(key);
         let batch_created = batch.customers.get(key).map_or(0, |t| t.last_event_created);
         state.last_event_created = state

@@ -4,6 +4,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use serde_json::value::RawValue;
+use sqlx::postgres::PgArguments;
+use sqlx::query::QueryAs;
 use sqlx::types::Json;
 use sqlx::{Postgres, Transaction};
 
@@ -84,19 +86,30 @@ pub async fn load_states(
     tx: &mut Transaction<'_, Postgres>,
     keys: &[CustomerKey],
 ) -> Result<BTreeMap<CustomerKey, CustomerState>, sqlx::Error> {
-    let mut states = load_snapshots(tx, keys, &Won::new(), &BTreeMap::new()).await?;
-    for (key, created) in newest_invoices(tx, keys).await? {
-        if let Some(state) = states.get_mut(&key) {
-            state.last_event_created = state.last_event_created.max(created);
+    let keys: Vec<&CustomerKey> = keys.iter().collect();
+    let mut states = load_snapshots(tx, &keys, &Won::new(), &HashMap::new()).await?;
+    for newest in newest_invoices(tx, &keys).await? {
+        if let Some(state) = states.get_mut(&newest.key) {
+            state.last_event_created = state.last_event_created.max(newest.created);
         }
     }
-    Ok(states)
+    Ok(states.into_iter().collect())
 }
 
-/// The newest `created` of each customer's invoices: grows with a customer's history, so a
-/// live batch reads it only for customers without an entitlements row.
-#[derive(sqlx::FromRow)]
+/// The newest `created` among the invoices of the customer `k` (`NULL` without any), as a
+/// scalar subquery over `k(account, customer)`. It grows with a customer's history, so a live
+/// batch asks it only for customers without an entitlements row (`entitlements.rs`).
+pub(super) const NEWEST_INVOICE_CREATED: &str = "(SELECT max(i.rank_created) FROM invoices i
+     WHERE i.account = k.account AND i.customer = k.customer)";
+
+/// A customer's newest invoice `created`.
 struct NewestInvoice {
+    key: CustomerKey,
+    created: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct NewestInvoiceRow {
     account: String,
     customer: String,
     created: i64,
@@ -104,33 +117,49 @@ struct NewestInvoice {
 
 async fn newest_invoices(
     tx: &mut Transaction<'_, Postgres>,
-    keys: &[CustomerKey],
-) -> Result<Vec<(CustomerKey, i64)>, sqlx::Error> {
-    let accounts: Vec<&str> = keys.iter().map(|k| k.account.as_str()).collect();
-    let customers: Vec<&str> = keys.iter().map(|k| k.customer.as_str()).collect();
-    let rows: Vec<NewestInvoice> = sqlx::query_as(
-        "SELECT t.account, t.customer, max(t.rank_created) AS created
-         FROM invoices t
-         JOIN UNNEST($1::text[], $2::text[]) AS k(account, customer)
-           ON t.account = k.account AND t.customer = k.customer
-         GROUP BY t.account, t.customer",
-    )
-    .bind(&accounts)
-    .bind(&customers)
-    .fetch_all(&mut **tx)
-    .await?;
+    keys: &[&CustomerKey],
+) -> Result<Vec<NewestInvoice>, sqlx::Error> {
+    let keys = KeyColumns::of(keys);
+    let sql = format!(
+        "SELECT account, customer, created FROM (
+             SELECT k.account, k.customer, {NEWEST_INVOICE_CREATED} AS created
+             FROM UNNEST($1::text[], $2::text[]) AS k(account, customer)) n
+         WHERE created IS NOT NULL"
+    );
+    let rows: Vec<NewestInvoiceRow> = keys.bind(sqlx::query_as(&sql)).fetch_all(&mut **tx).await?;
     Ok(rows
         .into_iter()
-        .map(|row| {
-            (
-                CustomerKey {
-                    account: row.account,
-                    customer: row.customer,
-                },
-                row.created,
-            )
+        .map(|row| NewestInvoice {
+            key: CustomerKey {
+                account: row.account,
+                customer: row.customer,
+            },
+            created: row.created,
         })
         .collect())
+}
+
+/// Customer keys as the two arrays `UNNEST($1::text[], $2::text[])` takes.
+pub(super) struct KeyColumns<'a> {
+    pub account: Vec<&'a str>,
+    pub customer: Vec<&'a str>,
+}
+
+impl<'a> KeyColumns<'a> {
+    pub fn of(keys: &[&'a CustomerKey]) -> Self {
+        KeyColumns {
+            account: keys.iter().map(|k| k.account.as_str()).collect(),
+            customer: keys.iter().map(|k| k.customer.as_str()).collect(),
+        }
+    }
+
+    /// Binds the two arrays as `$1` and `$2`.
+    pub fn bind<'q, O>(
+        &'q self,
+        query: QueryAs<'q, Postgres, O, PgArguments>,
+    ) -> QueryAs<'q, Postgres, O, PgArguments> {
+        query.bind(&self.account).bind(&self.customer)
+    }
 }
 
 /// The state of each customer in `keys` from the snapshot tables. The objects in `won` hold
@@ -139,12 +168,11 @@ async fn newest_invoices(
 /// bytes by the same code.
 pub(super) async fn load_snapshots(
     tx: &mut Transaction<'_, Postgres>,
-    keys: &[CustomerKey],
+    keys: &[&CustomerKey],
     won: &Won,
-    objects: &BTreeMap<ObjectKey, ProjectedEvent>,
-) -> Result<BTreeMap<CustomerKey, CustomerState>, sqlx::Error> {
-    let accounts: Vec<&str> = keys.iter().map(|k| k.account.as_str()).collect();
-    let customers: Vec<&str> = keys.iter().map(|k| k.customer.as_str()).collect();
+    objects: &HashMap<ObjectKey, &ProjectedEvent>,
+) -> Result<HashMap<CustomerKey, CustomerState>, sqlx::Error> {
+    let key_columns = KeyColumns::of(keys);
     let mut won_source = Vec::new();
     let mut won_account = Vec::new();
     let mut won_id = Vec::new();
@@ -155,18 +183,18 @@ pub(super) async fn load_snapshots(
             won_id.push(key.id.as_str());
         }
     }
-    let mut states: BTreeMap<CustomerKey, CustomerState> = keys
+    let mut states: HashMap<CustomerKey, CustomerState> = keys
         .iter()
         .map(|k| {
             (
-                k.clone(),
+                (*k).clone(),
                 CustomerState::new(k.account.clone(), k.customer.clone()),
             )
         })
         .collect();
-    let rows: Vec<StoredSnapshot> = sqlx::query_as(&load_sql())
-        .bind(&accounts)
-        .bind(&customers)
+    let sql = load_sql();
+    let rows: Vec<StoredSnapshot> = key_columns
+        .bind(sqlx::query_as(&sql))
         .bind(&won_source)
         .bind(&won_account)
         .bind(&won_id)

@@ -3,7 +3,7 @@
 //! of the snapshot it holds, and the upsert replaces a row only with a strictly greater rank —
 //! in SQL, the same rule as `projection::newer` in memory (migrations/0001_projections.sql).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
 use serde::Serialize;
 use sqlx::postgres::PgArguments;
@@ -12,7 +12,8 @@ use sqlx::types::Json;
 use sqlx::{Postgres, Transaction};
 
 use crate::projection::{
-    CustomerKey, ObjectKey, ObjectKind, ProjectedEvent, Snapshot, SubscriptionSnapshot,
+    CheckoutSessionSnapshot, CoalescedBatch, CustomerKey, CustomerSnapshot, InvoiceSnapshot,
+    ObjectKey, ObjectKind, ProjectedEvent, Snapshot, SubscriptionSnapshot,
 };
 
 /// The objects whose snapshot in the batch won its upsert: the row now holds exactly the
@@ -81,36 +82,110 @@ impl<'a> CommonColumns<'a> {
         self.snapshot.push(snapshot.raw());
     }
 
-    fn is_empty(&self) -> bool {
-        self.id.is_empty()
-    }
-
-    fn bind<'q>(
-        &'q self,
-        query: Query<'q, Postgres, PgArguments>,
-    ) -> Query<'q, Postgres, PgArguments> {
-        query
-            .bind(&self.account)
-            .bind(&self.id)
-            .bind(&self.livemode)
-            .bind(&self.rank_created)
-            .bind(&self.rank_type)
-            .bind(&self.rank_status)
-            .bind(&self.rank_event_id)
-            .bind(&self.event_type)
-            .bind(&self.snapshot)
+    /// In the order of [`COMMON_COLUMNS`], whose `snapshot` is cast from text.
+    fn columns(&self) -> [Column<'_, 'a>; 9] {
+        [
+            Column::Text(&self.account),
+            Column::Text(&self.id),
+            Column::Bool(&self.livemode),
+            Column::Int(&self.rank_created),
+            Column::SmallInt(&self.rank_type),
+            Column::SmallInt(&self.rank_status),
+            Column::Text(&self.rank_event_id),
+            Column::Text(&self.event_type),
+            Column::Text(&self.snapshot),
+        ]
     }
 }
 
+/// `$1..$9` of every upsert.
+const COMMON_COLUMNS: &[&str] = &[
+    "account",
+    "id",
+    "livemode",
+    "rank_created",
+    "rank_type",
+    "rank_status",
+    "rank_event_id",
+    "event_type",
+    "snapshot",
+];
+
+/// One column's values for `UNNEST`; the variant gives the array's SQL type.
+enum Column<'c, 'a> {
+    Text(&'c Vec<&'a str>),
+    OptText(&'c Vec<Option<&'a str>>),
+    Int(&'c Vec<i64>),
+    OptInt(&'c Vec<Option<i64>>),
+    SmallInt(&'c Vec<i16>),
+    Bool(&'c Vec<bool>),
+    Items(&'c Vec<Json<Vec<StoredItem<'a>>>>),
+}
+
+impl<'c, 'a> Column<'c, 'a> {
+    fn sql_type(&self) -> &'static str {
+        match self {
+            Column::Text(_) | Column::OptText(_) => "text[]",
+            Column::Int(_) | Column::OptInt(_) => "int8[]",
+            Column::SmallInt(_) => "int2[]",
+            Column::Bool(_) => "bool[]",
+            Column::Items(_) => "jsonb[]",
+        }
+    }
+
+    fn bind(self, query: Query<'c, Postgres, PgArguments>) -> Query<'c, Postgres, PgArguments> {
+        match self {
+            Column::Text(v) => query.bind(v),
+            Column::OptText(v) => query.bind(v),
+            Column::Int(v) => query.bind(v),
+            Column::OptInt(v) => query.bind(v),
+            Column::SmallInt(v) => query.bind(v),
+            Column::Bool(v) => query.bind(v),
+            Column::Items(v) => query.bind(v),
+        }
+    }
+}
+
+/// A projection table's rows of one batch: the common columns and the table's own.
+trait TableRows<'a> {
+    const TABLE: &'static str;
+    const KIND: ObjectKind;
+    fn common(&self) -> &CommonColumns<'a>;
+    /// The table's own columns (`$10…`), by name.
+    fn own_columns(&self) -> Vec<(&'static str, Column<'_, 'a>)>;
+}
+
 #[derive(Default)]
-struct CustomerColumns<'a> {
+struct CustomerRows<'a> {
     common: CommonColumns<'a>,
     email: Vec<Option<&'a str>>,
     name: Vec<Option<&'a str>>,
 }
 
+impl<'a> CustomerRows<'a> {
+    fn push(&mut self, event: &'a ProjectedEvent, snapshot: &'a Snapshot, s: &'a CustomerSnapshot) {
+        self.common.push(event, snapshot);
+        self.email.push(s.email.as_deref());
+        self.name.push(s.name.as_deref());
+    }
+}
+
+impl<'a> TableRows<'a> for CustomerRows<'a> {
+    const TABLE: &'static str = "customers";
+    const KIND: ObjectKind = ObjectKind::Customer;
+    fn common(&self) -> &CommonColumns<'a> {
+        &self.common
+    }
+    fn own_columns(&self) -> Vec<(&'static str, Column<'_, 'a>)> {
+        vec![
+            ("email", Column::OptText(&self.email)),
+            ("name", Column::OptText(&self.name)),
+        ]
+    }
+}
+
 #[derive(Default)]
-struct SubscriptionColumns<'a> {
+struct SubscriptionRows<'a> {
     common: CommonColumns<'a>,
     customer: Vec<&'a str>,
     status: Vec<&'a str>,
@@ -119,8 +194,47 @@ struct SubscriptionColumns<'a> {
     items: Vec<Json<Vec<StoredItem<'a>>>>,
 }
 
+impl<'a> SubscriptionRows<'a> {
+    fn push(
+        &mut self,
+        event: &'a ProjectedEvent,
+        snapshot: &'a Snapshot,
+        s: &'a SubscriptionSnapshot,
+    ) {
+        self.common.push(event, snapshot);
+        self.customer.push(&s.customer);
+        self.status.push(&s.status);
+        self.current_period_end.push(s.current_period_end);
+        self.cancel_at_period_end.push(s.cancel_at_period_end);
+        self.items.push(stored_items(s));
+    }
+}
+
+impl<'a> TableRows<'a> for SubscriptionRows<'a> {
+    const TABLE: &'static str = "subscriptions";
+    const KIND: ObjectKind = ObjectKind::Subscription;
+    fn common(&self) -> &CommonColumns<'a> {
+        &self.common
+    }
+    fn own_columns(&self) -> Vec<(&'static str, Column<'_, 'a>)> {
+        vec![
+            ("customer", Column::Text(&self.customer)),
+            ("status", Column::Text(&self.status)),
+            (
+                "current_period_end",
+                Column::OptInt(&self.current_period_end),
+            ),
+            (
+                "cancel_at_period_end",
+                Column::Bool(&self.cancel_at_period_end),
+            ),
+            ("items", Column::Items(&self.items)),
+        ]
+    }
+}
+
 #[derive(Default)]
-struct InvoiceColumns<'a> {
+struct InvoiceRows<'a> {
     common: CommonColumns<'a>,
     customer: Vec<Option<&'a str>>,
     subscription: Vec<Option<&'a str>>,
@@ -132,8 +246,45 @@ struct InvoiceColumns<'a> {
     paid_through: Vec<Option<i64>>,
 }
 
+impl<'a> InvoiceRows<'a> {
+    fn push(&mut self, event: &'a ProjectedEvent, snapshot: &'a Snapshot, s: &'a InvoiceSnapshot) {
+        self.common.push(event, snapshot);
+        self.customer.push(s.customer.as_deref());
+        self.subscription.push(s.subscription.as_deref());
+        self.status.push(s.status.as_deref());
+        self.paid.push(s.paid);
+        self.amount_paid.push(s.amount_paid);
+        self.attempt_count.push(s.attempt_count);
+        self.next_payment_attempt.push(s.next_payment_attempt);
+        self.paid_through.push(s.paid_through);
+    }
+}
+
+impl<'a> TableRows<'a> for InvoiceRows<'a> {
+    const TABLE: &'static str = "invoices";
+    const KIND: ObjectKind = ObjectKind::Invoice;
+    fn common(&self) -> &CommonColumns<'a> {
+        &self.common
+    }
+    fn own_columns(&self) -> Vec<(&'static str, Column<'_, 'a>)> {
+        vec![
+            ("customer", Column::OptText(&self.customer)),
+            ("subscription", Column::OptText(&self.subscription)),
+            ("status", Column::OptText(&self.status)),
+            ("paid", Column::Bool(&self.paid)),
+            ("amount_paid", Column::Int(&self.amount_paid)),
+            ("attempt_count", Column::Int(&self.attempt_count)),
+            (
+                "next_payment_attempt",
+                Column::OptInt(&self.next_payment_attempt),
+            ),
+            ("paid_through", Column::OptInt(&self.paid_through)),
+        ]
+    }
+}
+
 #[derive(Default)]
-struct CheckoutSessionColumns<'a> {
+struct CheckoutSessionRows<'a> {
     common: CommonColumns<'a>,
     customer: Vec<Option<&'a str>>,
     client_reference_id: Vec<Option<&'a str>>,
@@ -143,6 +294,49 @@ struct CheckoutSessionColumns<'a> {
     subscription: Vec<Option<&'a str>>,
     metadata_price: Vec<Option<&'a str>>,
     metadata_product: Vec<Option<&'a str>>,
+}
+
+impl<'a> CheckoutSessionRows<'a> {
+    fn push(
+        &mut self,
+        event: &'a ProjectedEvent,
+        snapshot: &'a Snapshot,
+        s: &'a CheckoutSessionSnapshot,
+    ) {
+        self.common.push(event, snapshot);
+        self.customer.push(s.customer.as_deref());
+        self.client_reference_id
+            .push(s.client_reference_id.as_deref());
+        self.mode.push(&s.mode);
+        self.status.push(s.status.as_deref());
+        self.payment_status.push(&s.payment_status);
+        self.subscription.push(s.subscription.as_deref());
+        self.metadata_price.push(s.metadata_price.as_deref());
+        self.metadata_product.push(s.metadata_product.as_deref());
+    }
+}
+
+impl<'a> TableRows<'a> for CheckoutSessionRows<'a> {
+    const TABLE: &'static str = "checkout_sessions";
+    const KIND: ObjectKind = ObjectKind::CheckoutSession;
+    fn common(&self) -> &CommonColumns<'a> {
+        &self.common
+    }
+    fn own_columns(&self) -> Vec<(&'static str, Column<'_, 'a>)> {
+        vec![
+            ("customer", Column::OptText(&self.customer)),
+            (
+                "client_reference_id",
+                Column::OptText(&self.client_reference_id),
+            ),
+            ("mode", Column::Text(&self.mode)),
+            ("status", Column::OptText(&self.status)),
+            ("payment_status", Column::Text(&self.payment_status)),
+            ("subscription", Column::OptText(&self.subscription)),
+            ("metadata_price", Column::OptText(&self.metadata_price)),
+            ("metadata_product", Column::OptText(&self.metadata_product)),
+        ]
+    }
 }
 
 /// Entitlement summaries are one per customer and rare: written a row at a time, which keeps
@@ -160,113 +354,88 @@ struct WonRow {
     id: String,
 }
 
-/// `$1..$9` are the common columns; kind-specific ones follow from `$10`.
-const COMMON_COLUMNS: &[&str] = &[
-    "account",
-    "id",
-    "livemode",
-    "rank_created",
-    "rank_type",
-    "rank_status",
-    "rank_event_id",
-    "event_type",
-    "snapshot",
-];
-const COMMON_UNNEST: &str =
-    "$1::text[], $2::text[], $3::bool[], $4::int8[], $5::int2[], $6::int2[], $7::text[], $8::text[], $9::text[]";
-
-fn upsert_sql(table: &str, extra_columns: &[(&str, &str)]) -> String {
-    let mut all: Vec<&str> = COMMON_COLUMNS.to_vec();
-    all.extend(extra_columns.iter().map(|(name, _)| *name));
-    let extra_unnest: Vec<String> = extra_columns
+/// The multi-row upsert of `table` from one array per column (`columns`: name and array type,
+/// the common ones first), replacing a row only with a strictly greater rank.
+fn upsert_sql(table: &str, columns: &[(&str, &str)]) -> String {
+    let names: Vec<&str> = columns.iter().map(|(name, _)| *name).collect();
+    let unnest: Vec<String> = columns
         .iter()
         .enumerate()
-        .map(|(i, (_, ty))| format!(", ${}::{ty}", i + 10))
+        .map(|(i, (_, ty))| format!("${}::{ty}", i + 1))
         .collect();
-    let select: Vec<String> = all
+    let select: Vec<String> = names
         .iter()
         .map(|c| match *c {
             "snapshot" => "snapshot::jsonb".to_owned(),
             other => other.to_owned(),
         })
         .collect();
-    let updates: Vec<String> = all
+    let updates: Vec<String> = names
         .iter()
         .filter(|c| !matches!(**c, "account" | "id"))
         .map(|c| format!("{c} = EXCLUDED.{c}"))
         .collect();
     format!(
         "INSERT INTO {table} ({cols})
-         SELECT {select} FROM UNNEST({COMMON_UNNEST}{extra})
+         SELECT {select} FROM UNNEST({unnest})
              AS u({cols})
          ON CONFLICT (account, id) DO UPDATE SET {updates}
          WHERE (EXCLUDED.rank_created, EXCLUDED.rank_type, EXCLUDED.rank_status, EXCLUDED.rank_event_id)
              > ({table}.rank_created, {table}.rank_type, {table}.rank_status, {table}.rank_event_id)
          RETURNING account, id",
-        cols = all.join(", "),
+        cols = names.join(", "),
         select = select.join(", "),
-        extra = extra_unnest.concat(),
+        unnest = unnest.join(", "),
         updates = updates.join(", "),
     )
 }
 
-/// Upserts the newest snapshot per object of a batch; returns the objects whose row now holds
-/// the batch's snapshot.
+/// Upserts one table's rows of a batch; adds those whose row now holds the batch's snapshot.
+async fn upsert_table<'a, T: TableRows<'a>>(
+    tx: &mut Transaction<'_, Postgres>,
+    rows: &T,
+    won: &mut Won,
+) -> Result<(), sqlx::Error> {
+    if rows.common().id.is_empty() {
+        return Ok(());
+    }
+    let columns: Vec<(&str, Column<'_, 'a>)> = COMMON_COLUMNS
+        .iter()
+        .copied()
+        .zip(rows.common().columns())
+        .chain(rows.own_columns())
+        .collect();
+    let described: Vec<(&str, &str)> = columns
+        .iter()
+        .map(|(name, column)| (*name, column.sql_type()))
+        .collect();
+    let sql = upsert_sql(T::TABLE, &described);
+    let query = columns
+        .into_iter()
+        .fold(sqlx::query(&sql), |query, (_, column)| column.bind(query));
+    collect_won(tx, query, T::KIND, won).await
+}
+
+/// Upserts the newest snapshot per object of a batch, in key order (one order of row locks for
+/// every writer); returns the objects whose row now holds the batch's snapshot.
 pub(super) async fn upsert_objects(
     tx: &mut Transaction<'_, Postgres>,
-    objects: &BTreeMap<ObjectKey, ProjectedEvent>,
+    batch: &CoalescedBatch<'_>,
 ) -> Result<Won, sqlx::Error> {
-    let mut customers = CustomerColumns::default();
-    let mut subscriptions = SubscriptionColumns::default();
-    let mut invoices = InvoiceColumns::default();
-    let mut sessions = CheckoutSessionColumns::default();
+    let mut customers = CustomerRows::default();
+    let mut subscriptions = SubscriptionRows::default();
+    let mut invoices = InvoiceRows::default();
+    let mut sessions = CheckoutSessionRows::default();
     let mut summaries: Vec<SummaryRow<'_>> = Vec::new();
-    for event in objects.values() {
+    for (_, event) in batch.sorted_objects() {
         let Some(snapshot) = &event.snapshot else {
             continue;
         };
         match snapshot {
-            Snapshot::Customer(s) => {
-                customers.common.push(event, snapshot);
-                customers.email.push(s.email.as_deref());
-                customers.name.push(s.name.as_deref());
-            }
-            Snapshot::Subscription(s) => {
-                subscriptions.common.push(event, snapshot);
-                subscriptions.customer.push(&s.customer);
-                subscriptions.status.push(&s.status);
-                subscriptions.current_period_end.push(s.current_period_end);
-                subscriptions
-                    .cancel_at_period_end
-                    .push(s.cancel_at_period_end);
-                subscriptions.items.push(stored_items(s));
-            }
-            Snapshot::Invoice(s) => {
-                invoices.common.push(event, snapshot);
-                invoices.customer.push(s.customer.as_deref());
-                invoices.subscription.push(s.subscription.as_deref());
-                invoices.status.push(s.status.as_deref());
-                invoices.paid.push(s.paid);
-                invoices.amount_paid.push(s.amount_paid);
-                invoices.attempt_count.push(s.attempt_count);
-                invoices.next_payment_attempt.push(s.next_payment_attempt);
-                invoices.paid_through.push(s.paid_through);
-            }
-            Snapshot::CheckoutSession(s) => {
-                sessions.common.push(event, snapshot);
-                sessions.customer.push(s.customer.as_deref());
-                sessions
-                    .client_reference_id
-                    .push(s.client_reference_id.as_deref());
-                sessions.mode.push(&s.mode);
-                sessions.status.push(s.status.as_deref());
-                sessions.payment_status.push(&s.payment_status);
-                sessions.subscription.push(s.subscription.as_deref());
-                sessions.metadata_price.push(s.metadata_price.as_deref());
-                sessions
-                    .metadata_product
-                    .push(s.metadata_product.as_deref());
-            }
+            Snapshot::Customer(s) => customers.push(event, snapshot, s),
+            Snapshot::Subscription(s) => subscriptions.push(event, snapshot, s),
+            Snapshot::Invoice(s) => invoices.push(event, snapshot, s),
+            Snapshot::CheckoutSession(s) => sessions.push(event, snapshot, s),
             Snapshot::EntitlementSummary(s) => summaries.push(SummaryRow {
                 event,
                 snapshot,
@@ -276,94 +445,10 @@ pub(super) async fn upsert_objects(
     }
 
     let mut won = Won::new();
-    if !customers.common.is_empty() {
-        let sql = upsert_sql("customers", &[("email", "text[]"), ("name", "text[]")]);
-        let c = &customers;
-        let query = c
-            .common
-            .bind(sqlx::query(&sql))
-            .bind(&c.email)
-            .bind(&c.name);
-        collect_won(tx, query, ObjectKind::Customer, &mut won).await?;
-    }
-    if !subscriptions.common.is_empty() {
-        let sql = upsert_sql(
-            "subscriptions",
-            &[
-                ("customer", "text[]"),
-                ("status", "text[]"),
-                ("current_period_end", "int8[]"),
-                ("cancel_at_period_end", "bool[]"),
-                ("items", "jsonb[]"),
-            ],
-        );
-        let s = &subscriptions;
-        let query = s
-            .common
-            .bind(sqlx::query(&sql))
-            .bind(&s.customer)
-            .bind(&s.status)
-            .bind(&s.current_period_end)
-            .bind(&s.cancel_at_period_end)
-            .bind(&s.items);
-        collect_won(tx, query, ObjectKind::Subscription, &mut won).await?;
-    }
-    if !invoices.common.is_empty() {
-        let sql = upsert_sql(
-            "invoices",
-            &[
-                ("customer", "text[]"),
-                ("subscription", "text[]"),
-                ("status", "text[]"),
-                ("paid", "bool[]"),
-                ("amount_paid", "int8[]"),
-                ("attempt_count", "int8[]"),
-                ("next_payment_attempt", "int8[]"),
-                ("paid_through", "int8[]"),
-            ],
-        );
-        let i = &invoices;
-        let query = i
-            .common
-            .bind(sqlx::query(&sql))
-            .bind(&i.customer)
-            .bind(&i.subscription)
-            .bind(&i.status)
-            .bind(&i.paid)
-            .bind(&i.amount_paid)
-            .bind(&i.attempt_count)
-            .bind(&i.next_payment_attempt)
-            .bind(&i.paid_through);
-        collect_won(tx, query, ObjectKind::Invoice, &mut won).await?;
-    }
-    if !sessions.common.is_empty() {
-        let sql = upsert_sql(
-            "checkout_sessions",
-            &[
-                ("customer", "text[]"),
-                ("client_reference_id", "text[]"),
-                ("mode", "text[]"),
-                ("status", "text[]"),
-                ("payment_status", "text[]"),
-                ("subscription", "text[]"),
-                ("metadata_price", "text[]"),
-                ("metadata_product", "text[]"),
-            ],
-        );
-        let s = &sessions;
-        let query = s
-            .common
-            .bind(sqlx::query(&sql))
-            .bind(&s.customer)
-            .bind(&s.client_reference_id)
-            .bind(&s.mode)
-            .bind(&s.status)
-            .bind(&s.payment_status)
-            .bind(&s.subscription)
-            .bind(&s.metadata_price)
-            .bind(&s.metadata_product);
-        collect_won(tx, query, ObjectKind::CheckoutSession, &mut won).await?;
-    }
+    upsert_table(tx, &customers, &mut won).await?;
+    upsert_table(tx, &subscriptions, &mut won).await?;
+    upsert_table(tx, &invoices, &mut won).await?;
+    upsert_table(tx, &sessions, &mut won).await?;
     for row in &summaries {
         let query = sqlx::query(
             "INSERT INTO entitlement_summaries (account, customer, livemode, rank_created, rank_type, rank_status,
