@@ -1,7 +1,6 @@
 //! The projector's metrics: events by type, duplicates, dead letters, lag, batch latency.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -136,44 +135,57 @@ impl Metrics {
     }
 }
 
-/// The relay lead as a scrape reports it: held until a moment that each confirmation of the lock
-/// moves on. A leader whose confirmations stop (its lock session was cut, the process is
-/// starved) stops reporting the lead when the last one runs out, even before its own heartbeat
-/// notices.
-#[derive(Debug)]
+/// The relay lead as a scrape reports it: from a moment set when the lock is taken, until a
+/// moment that each confirmation of the lock moves on. A leader whose confirmations stop (its
+/// lock session was cut, the process is starved) stops reporting the lead when the last one runs
+/// out, even before its own heartbeat notices.
+///
+/// A confirmation counts from when its query was *sent*, which precedes the server's answer and
+/// so any successor's taking of the lock; and a fresh leader reports only once its predecessor's
+/// last confirmation has surely run out (see `outbox::leader::QUIET`). So no two instances
+/// report the lead at one moment, whatever their clocks say, as long as they run at one rate.
+#[derive(Debug, Default)]
 pub struct LeaderLease {
-    epoch: Instant,
-    /// Milliseconds since `epoch` until which the lead counts; 0 while not leading.
-    until_ms: AtomicU64,
+    term: Mutex<Term>,
 }
 
-impl Default for LeaderLease {
-    fn default() -> Self {
-        LeaderLease {
-            epoch: Instant::now(),
-            until_ms: AtomicU64::new(0),
-        }
-    }
+/// The bounds of the reported lead; no lead while `until` is `None`.
+#[derive(Debug, Default, Clone, Copy)]
+struct Term {
+    from: Option<Instant>,
+    until: Option<Instant>,
 }
 
 impl LeaderLease {
-    /// The lock was just confirmed: the lead counts for `valid_for` more.
-    pub fn confirm(&self, valid_for: Duration) {
-        let until = self.now_ms().saturating_add(valid_for.as_millis() as u64);
-        self.until_ms.store(until, Ordering::Relaxed);
+    /// The lock was taken (its answer arrived) at `taken`: the lead counts from `quiet` later
+    /// on, for as long as confirmations keep it.
+    pub fn begin(&self, taken: Instant, quiet: Duration) {
+        let mut term = self.term();
+        term.from = Some(taken + quiet);
+        term.until = None;
+    }
+
+    /// The lock session answered a query sent at `sent`: the lead counts until `valid_for`
+    /// after it.
+    pub fn confirm(&self, sent: Instant, valid_for: Duration) {
+        let until = sent + valid_for;
+        let mut term = self.term();
+        term.until = Some(term.until.map_or(until, |u| u.max(until)));
     }
 
     /// The lead ended.
     pub fn end(&self) {
-        self.until_ms.store(0, Ordering::Relaxed);
+        *self.term() = Term::default();
     }
 
     pub fn holds(&self) -> bool {
-        self.now_ms() < self.until_ms.load(Ordering::Relaxed)
+        let Term { from, until } = *self.term();
+        let now = Instant::now();
+        from.is_some_and(|from| from <= now) && until.is_some_and(|until| now < until)
     }
 
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+    fn term(&self) -> std::sync::MutexGuard<'_, Term> {
+        self.term.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -224,12 +236,42 @@ mod tests {
     fn the_relay_lead_counts_only_while_recently_confirmed() {
         let lease = LeaderLease::default();
         assert!(!lease.holds(), "no lead before a confirmation");
-        lease.confirm(Duration::from_secs(60));
+        lease.begin(Instant::now(), Duration::ZERO);
+        lease.confirm(Instant::now(), Duration::from_secs(60));
         assert!(lease.holds());
         lease.end();
         assert!(!lease.holds());
-        lease.confirm(Duration::ZERO);
+        lease.begin(Instant::now(), Duration::ZERO);
+        lease.confirm(Instant::now(), Duration::ZERO);
         assert!(!lease.holds(), "a confirmation that has run out is no lead");
+    }
+
+    #[test]
+    fn a_confirmation_counts_from_when_its_query_was_sent() {
+        let lease = LeaderLease::default();
+        lease.begin(Instant::now(), Duration::ZERO);
+        // A ping sent two seconds ago (its answer delayed, or the process frozen meanwhile).
+        let sent = Instant::now().checked_sub(Duration::from_secs(2)).unwrap();
+        lease.confirm(sent, Duration::from_secs(1));
+        assert!(!lease.holds(), "a stale answer extends nothing");
+        lease.confirm(Instant::now(), Duration::from_secs(60));
+        assert!(lease.holds());
+    }
+
+    #[test]
+    fn a_fresh_leader_reports_the_lead_only_after_its_quiet_time() {
+        let lease = LeaderLease::default();
+        lease.begin(Instant::now(), Duration::from_secs(60));
+        lease.confirm(Instant::now(), Duration::from_secs(120));
+        assert!(
+            !lease.holds(),
+            "a predecessor's confirmation may not have run out yet"
+        );
+        lease.end();
+        let taken = Instant::now().checked_sub(Duration::from_secs(2)).unwrap();
+        lease.begin(taken, Duration::from_secs(1));
+        lease.confirm(Instant::now(), Duration::from_secs(60));
+        assert!(lease.holds(), "the quiet time is over");
     }
 
     #[test]
@@ -249,7 +291,10 @@ mod tests {
         metrics.offset_gaps.inc("0");
         metrics.batch_failures.inc("transient");
         metrics.batch_latency.observe(0.02);
-        metrics.relay_leader.confirm(Duration::from_secs(60));
+        metrics.relay_leader.begin(Instant::now(), Duration::ZERO);
+        metrics
+            .relay_leader
+            .confirm(Instant::now(), Duration::from_secs(60));
         *metrics.lag.lock().unwrap() = BTreeMap::from([(0, 3), (1, 4)]);
 
         // Act

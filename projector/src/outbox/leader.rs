@@ -7,7 +7,7 @@
 //! [`HEARTBEAT`]; when a ping fails, its session (and the lock) may already be gone, so it stops
 //! relaying at once rather than race a new leader.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{Connection, PgPool};
@@ -24,6 +24,12 @@ const PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// heartbeats, so that a leader that stops confirming (cut off, starved) stops reporting the lead
 /// within a second even before its heartbeat notices.
 pub const CONFIRMED_FOR: Duration = HEARTBEAT.saturating_mul(2);
+/// How long a fresh leader keeps its gauge at 0 after taking the lock. Its predecessor's last
+/// confirmation was sent before the predecessor's session ended, so before this lock was taken,
+/// and runs out [`CONFIRMED_FOR`] after it was sent; a heartbeat more keeps the two reports half a
+/// second apart, so that one round of scrapes across the instances does not see both either.
+/// Relaying itself starts at once: only the report waits.
+pub const QUIET: Duration = CONFIRMED_FOR.saturating_add(HEARTBEAT);
 /// `application_name` of the lock connection, so operators find the leader in
 /// `pg_stat_activity`.
 const APPLICATION_NAME: &str = "projector-relay-leader";
@@ -107,15 +113,16 @@ impl LeaderLock {
 
     /// Resolves when the lock can no longer be trusted: the lock connection failed or was too
     /// slow to answer a ping. Afterwards the instance is a follower again. `alive` runs after
-    /// each ping that succeeded.
-    pub async fn lost(&mut self, alive: impl Fn()) {
+    /// each ping that succeeded, with the moment the ping was sent.
+    pub async fn lost(&mut self, alive: impl Fn(Instant)) {
         loop {
             tokio::time::sleep(HEARTBEAT).await;
             let Some(connection) = self.connection.as_mut() else {
                 return;
             };
+            let sent = Instant::now();
             match tokio::time::timeout(PING_TIMEOUT, connection.ping()).await {
-                Ok(Ok(())) => alive(),
+                Ok(Ok(())) => alive(sent),
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "the relay lock connection failed");
                     break;

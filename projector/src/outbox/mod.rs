@@ -11,7 +11,7 @@
 mod leader;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -22,7 +22,7 @@ use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 use crate::store::RELAY_LEADER_LOCK;
-pub use leader::{LeaderLock, CONFIRMED_FOR, FOLLOWER_RETRY, HEARTBEAT};
+pub use leader::{LeaderLock, CONFIRMED_FOR, FOLLOWER_RETRY, HEARTBEAT, QUIET};
 
 /// Rows published per round.
 const BATCH: i64 = 1000;
@@ -94,6 +94,7 @@ impl Relay {
             if *shutdown.borrow() {
                 break;
             }
+            let sent = Instant::now();
             match lock.try_acquire().await {
                 Ok(true) => {}
                 Ok(false) => {
@@ -113,14 +114,15 @@ impl Relay {
             let Some(holder) = lock.holder() else {
                 continue;
             };
-            self.metrics.relay_leader.confirm(CONFIRMED_FOR);
+            self.metrics.relay_leader.begin(Instant::now(), QUIET);
+            self.metrics.relay_leader.confirm(sent, CONFIRMED_FOR);
             tracing::info!(
                 lock_session = holder,
                 "this instance leads the outbox relay"
             );
             let end = tokio::select! {
                 () = self.lead(holder, &mut shutdown) => TermEnd::Stopped,
-                () = lock.lost(|| self.metrics.relay_leader.confirm(CONFIRMED_FOR)) => TermEnd::LostLock,
+                () = lock.lost(|sent| self.metrics.relay_leader.confirm(sent, CONFIRMED_FOR)) => TermEnd::LostLock,
             };
             self.metrics.relay_leader.end();
             match end {
