@@ -455,6 +455,19 @@ async fn live_offsets(
         .collect())
 }
 
+/// The `(account, customer)` columns of rows, as keys.
+fn customer_keys(rows: &[sqlx::postgres::PgRow]) -> Result<Vec<CustomerKey>, sqlx::Error> {
+    use sqlx::Row;
+    rows.iter()
+        .map(|row| {
+            Ok(CustomerKey {
+                account: row.try_get("account")?,
+                customer: row.try_get("customer")?,
+            })
+        })
+        .collect()
+}
+
 /// `VmHWM` of `/proc/self/status`, in KiB.
 fn peak_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
