@@ -67,12 +67,12 @@ async fn main() {
         .expect("bench db");
     for partition in 0..PARTITIONS {
         let (_, high) = watermarks
-            .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+            .fetch_watermarks(topic, partition, Duration::from_secs(10))
             .expect("watermarks");
         sqlx::query(
             "INSERT INTO consumer_offsets (topic, partition, next_offset) VALUES ($1, $2, $3)",
         )
-        .bind(&topic)
+        .bind(topic)
         .bind(partition)
         .bind(high)
         .execute(&mut live)
