@@ -10,6 +10,7 @@ use crate::rebuild::RebuildError;
 use crate::store;
 
 use super::copy_text::CopyText;
+use super::fold::analyze;
 use super::indexes::{drop_indexes, restore_indexes};
 use super::join_error;
 use crate::rebuild::customer_keys;
@@ -24,6 +25,10 @@ const CUSTOMER_KEYS: &str = "SELECT account, id AS customer FROM customers
      UNION SELECT account, customer FROM invoices WHERE customer IS NOT NULL
      UNION SELECT account, customer FROM checkout_sessions WHERE customer IS NOT NULL
      UNION SELECT account, customer FROM entitlement_summaries";
+
+/// The entitlements' columns, in COPY order.
+const ENTITLEMENT_COLUMNS: &str =
+    "account, customer, livemode, client_reference_id, features, version, view, updated_at";
 
 /// Chunks of customers derived at a time, each on its own connection.
 const DERIVERS: usize = 2;
@@ -74,7 +79,9 @@ pub(super) async fn derive_entitlements(
     let mut tx = fresh.begin().await?;
     restore_indexes(&mut tx, schema, "entitlements", indexes).await?;
     tx.commit().await?;
-    sqlx::query("ANALYZE entitlements").execute(fresh).await?;
+    sqlx::query(&analyze("entitlements", ENTITLEMENT_COLUMNS))
+        .execute(fresh)
+        .await?;
     Ok(())
 }
 
@@ -101,9 +108,9 @@ async fn derive_chunk(
             .end_row();
     }
     let mut copy = tx
-        .copy_in_raw(
-            "COPY entitlements (account, customer, livemode, client_reference_id, features, version, view, updated_at) FROM STDIN",
-        )
+        .copy_in_raw(&format!(
+            "COPY entitlements ({ENTITLEMENT_COLUMNS}) FROM STDIN"
+        ))
         .await?;
     copy.send(text.text.into_bytes()).await?;
     copy.finish().await?;
