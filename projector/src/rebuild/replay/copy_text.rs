@@ -1,4 +1,5 @@
-//! PostgreSQL's COPY text format.
+//! PostgreSQL's COPY text format, for the entitlements the derivation writes (their `text[]`
+//! and `timestamptz` columns are simpler to write as text).
 
 use std::fmt::Write as _;
 
@@ -58,13 +59,6 @@ impl CopyText {
         self.separator();
         let _ = write!(self.text, "{value}");
         self
-    }
-
-    pub(super) fn opt_int(&mut self, value: Option<i64>) -> &mut Self {
-        match value {
-            Some(value) => self.int(value),
-            None => self.null(),
-        }
     }
 
     pub(super) fn bool(&mut self, value: bool) -> &mut Self {

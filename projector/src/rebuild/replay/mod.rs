@@ -8,6 +8,7 @@
 //!
 //! The catch-up after it applies what live applied meanwhile in ordinary rebuild batches.
 
+mod copy_binary;
 mod copy_text;
 mod derive;
 mod fold;
@@ -35,7 +36,7 @@ use stage::StagedChunk;
 
 /// Records decoded, coalesced and staged at a time. With [`PIPELINE_DEPTH`], [`DECODERS`] and
 /// [`COPIES`], bounds the replay's memory whatever the size of the log: at most
-/// `2 × PIPELINE_DEPTH + DECODERS + COPIES` chunks (payloads or their COPY text) at a time.
+/// `2 × PIPELINE_DEPTH + DECODERS + COPIES` chunks (payloads or their COPY rows) at a time.
 const CHUNK: usize = 2_500;
 
 /// Chunks waiting between two stages of the bulk load.
@@ -62,7 +63,7 @@ pub(super) struct Applied {
 /// reader to its own thread for the load and hands it back for the catch-up.
 ///
 /// Three stages overlap, each bounded by a channel of [`PIPELINE_DEPTH`] chunks: a thread reads
-/// chunks of the log, [`DECODERS`] threads decode and coalesce them into COPY text, and up to
+/// chunks of the log, [`DECODERS`] threads decode and coalesce them into binary COPY rows, and up to
 /// [`COPIES`] COPY streams stage them, each on its own connection.
 pub(super) async fn bulk(
     fresh: &PgPool,

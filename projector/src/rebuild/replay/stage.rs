@@ -11,7 +11,7 @@ use crate::projection::payload::project_payload;
 use crate::projection::{newer, ObjectKey, ProjectedEvent, Snapshot};
 use crate::store::{self, InputRecord};
 
-use super::copy_text::CopyText;
+use super::copy_binary::CopyBinary;
 
 /// Staging tables: one per projection table, unlogged and without indexes, so that COPY only
 /// appends. `snapshot` (and `items`, `lookup_keys`) stay text: only a fold winner is parsed
@@ -58,12 +58,12 @@ pub(super) async fn create_tables(fresh: &PgPool) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-/// One chunk's max-rank snapshots, as COPY text per staging table.
+/// One chunk's max-rank snapshots, as binary COPY rows per staging table.
 pub(super) struct StagedChunk {
     pub(super) records: u64,
     /// Records without a usable event (live dead-lettered them).
     pub(super) unusable: u64,
-    tables: Vec<(&'static str, CopyText)>,
+    tables: Vec<(&'static str, CopyBinary)>,
 }
 
 impl StagedChunk {
@@ -76,17 +76,17 @@ impl StagedChunk {
                 _ => unusable += 1,
             }
         }
-        let mut customers = CopyText::default();
-        let mut subscriptions = CopyText::default();
-        let mut invoices = CopyText::default();
-        let mut sessions = CopyText::default();
-        let mut summaries = CopyText::default();
+        let mut customers = CopyBinary::default();
+        let mut subscriptions = CopyBinary::default();
+        let mut invoices = CopyBinary::default();
+        let mut sessions = CopyBinary::default();
+        let mut summaries = CopyBinary::default();
         for (key, event) in &chunk.objects {
             let Some(snapshot) = &event.snapshot else {
                 continue;
             };
             // Every staging row starts with the object's key and mode, ends with its rank.
-            let row = |copy: &'_ mut CopyText, id: &str, livemode: bool| {
+            let row = |copy: &'_ mut CopyBinary, id: &str, livemode: bool| {
                 copy.text(&event.account).text(id).bool(livemode);
             };
             let copy = match snapshot {
@@ -139,8 +139,8 @@ impl StagedChunk {
                 }
             };
             copy.int(event.rank.created)
-                .int(i64::from(event.rank.type_rank))
-                .int(i64::from(event.rank.status_rank))
+                .small_int(event.rank.type_rank)
+                .small_int(event.rank.status_rank)
                 .text(&event.rank.event_id)
                 .text(&event.event_type)
                 .text(snapshot.raw())
@@ -160,14 +160,14 @@ impl StagedChunk {
     }
 
     pub(super) async fn copy(self, fresh: PgPool) -> Result<(), sqlx::Error> {
-        for (table, text) in self.tables {
-            if text.rows == 0 {
+        for (table, rows) in self.tables {
+            if rows.rows == 0 {
                 continue;
             }
             let mut copy = fresh
-                .copy_in_raw(&format!("COPY stage_{table} FROM STDIN"))
+                .copy_in_raw(&format!("COPY stage_{table} FROM STDIN (FORMAT binary)"))
                 .await?;
-            copy.send(text.text.into_bytes()).await?;
+            copy.send(rows.finish()).await?;
             copy.finish().await?;
         }
         Ok(())
