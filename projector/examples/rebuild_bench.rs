@@ -9,56 +9,29 @@
 //!
 //! `REBUILD_PERF=/tmp/rebuild.perf` records the rebuild with `perf record -g`.
 
+mod support;
+
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, Producer};
 use sqlx::{Connection, PgConnection};
 
+use support::{BenchRun, PRODUCTS, STATUSES};
+
 const PARTITIONS: i32 = 6;
-const STATUSES: &[&str] = &[
-    "trialing", "active", "active", "past_due", "active", "canceled",
-];
-const PRODUCTS: &[(&str, &str)] = &[
-    ("price_pro_month", "prod_pro"),
-    ("price_team_month", "prod_team"),
-    ("price_basic", "prod_basic"),
-];
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let events: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(200_000);
-    let customers: u64 = args
-        .get(2)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or((events / 10).max(1));
-    let kafka = shared::kafka::KafkaSettings::from_env().expect("Kafka settings");
-    let admin_url = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://stripe:stripe@127.0.0.1:5432/stripe_pipeline".into());
-    let run = format!("rebuild_bench_{}", std::process::id());
-    let topic = format!("{run}.events");
-
-    let admin: AdminClient<DefaultClientContext> =
-        kafka.client_config().create().expect("admin client");
-    let new_topic =
-        NewTopic::new(&topic, PARTITIONS, TopicReplication::Fixed(1)).set("retention.ms", "-1");
-    admin
-        .create_topics(&[new_topic], &AdminOptions::new())
-        .await
-        .expect("create topic");
-    let mut db = PgConnection::connect(&admin_url).await.expect("Postgres");
-    sqlx::query(&format!("CREATE DATABASE {run}"))
-        .execute(&mut db)
-        .await
-        .expect("create database");
-    let database_url = format!("{}/{run}", &admin_url[..admin_url.rfind('/').unwrap()]);
+    let events: u64 = support::arg(1, 200_000);
+    let customers: u64 = support::arg(2, (events / 10).max(1));
+    let bench = BenchRun::create("rebuild_bench", PARTITIONS).await;
+    let (kafka, run, topic) = (&bench.kafka, &bench.run, &bench.topic);
+    let database_url = bench.database_url.clone();
 
     let produce_started = Instant::now();
-    let bytes = produce(&kafka, &topic, events, customers, &run).await;
+    let bytes = produce(kafka, topic, events, customers, run).await;
     let produce_secs = produce_started.elapsed().as_secs_f64();
 
     let mapping = std::env::temp_dir().join(format!("{run}.toml"));
@@ -94,12 +67,12 @@ async fn main() {
         .expect("bench db");
     for partition in 0..PARTITIONS {
         let (_, high) = watermarks
-            .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+            .fetch_watermarks(topic, partition, Duration::from_secs(10))
             .expect("watermarks");
         sqlx::query(
             "INSERT INTO consumer_offsets (topic, partition, next_offset) VALUES ($1, $2, $3)",
         )
-        .bind(&topic)
+        .bind(topic)
         .bind(partition)
         .bind(high)
         .execute(&mut live)
@@ -162,15 +135,7 @@ async fn main() {
 
     let _ = std::fs::remove_file(mapping);
     drop(live);
-    let _ = sqlx::query(&format!("DROP DATABASE {run} WITH (FORCE)"))
-        .execute(&mut db)
-        .await;
-    let _ = admin
-        .delete_topics(
-            &[&topic, &format!("{run}.changes"), &format!("{run}.dlq")],
-            &AdminOptions::new(),
-        )
-        .await;
+    bench.remove().await;
 }
 
 /// Each customer: `customer.created`, then a subscription walking through statuses and plans,
@@ -206,16 +171,7 @@ async fn produce(
             _ => subscription_event(&id, step, created, c),
         };
         bytes += body.len() as u64;
-        let key = format!("cus_{c}");
-        loop {
-            match producer.send_result(FutureRecord::to(topic).key(&key).payload(&body)) {
-                Ok(delivery) => {
-                    deliveries.push(delivery);
-                    break;
-                }
-                Err(_) => producer.poll(Duration::from_millis(10)),
-            }
-        }
+        deliveries.push(support::send(&producer, topic, &format!("cus_{c}"), &body));
     }
     for d in deliveries {
         d.await.expect("delivery").expect("delivered");

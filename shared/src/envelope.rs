@@ -265,6 +265,17 @@ impl<'a> EventEnvelope<'a> {
     /// (`"object":"v2.core.event"`) has `created` as an RFC 3339 string and an optional
     /// `related_object` instead of `data`.
     pub fn parse(body: &'a [u8]) -> Result<Self, EnvelopeError> {
+        Self::parse_with(body, |_| true)
+    }
+
+    /// [`EventEnvelope::parse`], reading the routing fields of a snapshot event's `data.object`
+    /// ([`ObjectSnapshot::object_ref`], a second scan of the object) only when
+    /// `routing(event_type)` says so; otherwise they are left empty. Accepts and rejects
+    /// exactly the bodies `parse` does, with the same errors.
+    pub fn parse_with(
+        body: &'a [u8],
+        routing: impl FnOnce(&str) -> bool,
+    ) -> Result<Self, EnvelopeError> {
         let raw: RawEnvelope<'a> =
             serde_json::from_slice(body).map_err(|e| EnvelopeError::NotJson(e.to_string()))?;
         let id = plain_str(raw.id, "id")?;
@@ -290,7 +301,11 @@ impl<'a> EventEnvelope<'a> {
             if !object.get().starts_with('{') {
                 return Err(EnvelopeError::Field("data.object"));
             }
-            let object_ref: ObjectRef<'a> = serde_json::from_str(object.get()).unwrap_or_default();
+            let object_ref: ObjectRef<'a> = if routing(event_type) {
+                serde_json::from_str(object.get()).unwrap_or_default()
+            } else {
+                ObjectRef::default()
+            };
             let snapshot = ObjectSnapshot { object, object_ref };
             (created, EventBody::Snapshot(snapshot), raw.account)
         };
@@ -399,6 +414,40 @@ mod tests {
         format!(
             r#"{{"id":"evt_1","object":"event","type":"customer.subscription.updated","created":1700000000,"livemode":true,"api_version":"2025-03-31.basil","data":{{"object":{object}}}}}"#
         )
+    }
+
+    #[test]
+    fn parse_with_skips_only_the_routing_fields_it_is_told_to() {
+        let body = event(r#"{"object":"subscription","id":"sub_1","customer":"cus_1"}"#);
+        let mut asked = None;
+        let lazy = EventEnvelope::parse_with(body.as_bytes(), |event_type| {
+            asked = Some(event_type.to_owned());
+            false
+        })
+        .unwrap();
+        let eager = EventEnvelope::parse(body.as_bytes()).unwrap();
+
+        assert_eq!(asked.as_deref(), Some("customer.subscription.updated"));
+        assert_eq!(lazy.customer(), None);
+        assert_eq!(eager.customer(), Some("cus_1"));
+        assert_eq!(
+            (lazy.id, lazy.event_type, lazy.created),
+            (eager.id, eager.event_type, eager.created)
+        );
+        assert_eq!(
+            lazy.object().map(RawValue::get),
+            eager.object().map(RawValue::get)
+        );
+        for bad in [
+            r#"{"id":"evt_1"}"#,
+            "[]",
+            r#"{"id":"","type":"x","created":1,"data":{"object":{}}}"#,
+        ] {
+            assert_eq!(
+                EventEnvelope::parse_with(bad.as_bytes(), |_| false).err(),
+                EventEnvelope::parse(bad.as_bytes()).err()
+            );
+        }
     }
 
     #[test]

@@ -8,10 +8,6 @@
 //! [`ProjectedEvent`], or an error exactly when the two-step path fails; the tests hold the two
 //! together.
 
-use serde::Deserialize;
-use serde_json::value::RawValue;
-
-use shared::envelope::{EventBody, ObjectRef, ObjectSnapshot, THIN_EVENT_OBJECT};
 use shared::EventEnvelope;
 
 use super::{project, ObjectKind, ProjectedEvent, ProjectionError};
@@ -26,102 +22,14 @@ pub enum PayloadError {
     Projection(#[from] ProjectionError),
 }
 
-/// The envelope's members, as `shared::envelope` reads them (same types, so the same payloads
-/// are rejected).
-#[derive(Deserialize)]
-struct Members<'a> {
-    #[serde(default, borrow)]
-    object: Option<&'a RawValue>,
-    #[serde(borrow)]
-    id: Option<&'a RawValue>,
-    #[serde(rename = "type", borrow)]
-    event_type: Option<&'a RawValue>,
-    created: Option<&'a RawValue>,
-    #[serde(default)]
-    livemode: Option<bool>,
-    #[serde(default, borrow)]
-    api_version: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    account: Option<&'a RawValue>,
-    #[serde(borrow)]
-    data: Option<DataMembers<'a>>,
-    #[serde(default, borrow)]
-    #[allow(dead_code)] // Read only so that a malformed one is rejected as the envelope does.
-    related_object: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    #[allow(dead_code)]
-    context: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct DataMembers<'a> {
-    #[serde(borrow)]
-    object: Option<&'a RawValue>,
-}
-
 /// `project(&EventEnvelope::parse(payload)?)`, with one scan of `data.object` fewer for the
 /// event types the projection keeps.
 pub fn project_payload(payload: &[u8]) -> Result<ProjectedEvent, PayloadError> {
-    use shared::envelope::EnvelopeError;
-
-    let Ok(members) = serde_json::from_slice::<Members<'_>>(payload) else {
-        // Let the envelope's parser word the error.
-        return Err(EventEnvelope::parse(payload)
-            .err()
-            .unwrap_or_else(|| EnvelopeError::NotJson("invalid envelope".into()))
-            .into());
-    };
-    if members.object.and_then(borrowed) == Some(THIN_EVENT_OBJECT) {
-        // Thin events are rare and have no snapshot: the ordinary path.
-        return Ok(project(&EventEnvelope::parse(payload)?)?);
-    }
-    let id = plain_str(members.id, "id")?;
-    let event_type = plain_str(members.event_type, "type")?;
-    let created: i64 = members
-        .created
-        .and_then(|c| serde_json::from_str(c.get()).ok())
-        .ok_or(EnvelopeError::Field("created"))?;
-    let object = members
-        .data
-        .and_then(|d| d.object)
-        .ok_or(EnvelopeError::Field("data.object"))?;
-    if !object.get().starts_with('{') {
-        return Err(EnvelopeError::Field("data.object").into());
-    }
     // Only an event of a type without a snapshot takes its customer from the routing fields.
-    let object_ref = if ObjectKind::for_event_type(event_type).is_some() {
-        ObjectRef::default()
-    } else {
-        serde_json::from_str(object.get()).unwrap_or_default()
-    };
-    let envelope = EventEnvelope {
-        id,
-        event_type,
-        created,
-        livemode: members.livemode.unwrap_or(false),
-        api_version: members.api_version.and_then(borrowed),
-        account: members.account.and_then(borrowed).filter(|a| !a.is_empty()),
-        body: EventBody::Snapshot(ObjectSnapshot { object, object_ref }),
-    };
+    let envelope = EventEnvelope::parse_with(payload, |event_type| {
+        ObjectKind::for_event_type(event_type).is_none()
+    })?;
     Ok(project(&envelope)?)
-}
-
-fn borrowed(raw: &RawValue) -> Option<&str> {
-    serde_json::from_str(raw.get()).ok()
-}
-
-/// A non-empty string without escapes, as the envelope requires of `id` and `type`.
-fn plain_str<'a>(
-    raw: Option<&'a RawValue>,
-    field: &'static str,
-) -> Result<&'a str, shared::envelope::EnvelopeError> {
-    use shared::envelope::EnvelopeError;
-    let raw = raw.ok_or(EnvelopeError::Field(field))?;
-    let s: &'a str = serde_json::from_str(raw.get()).map_err(|_| EnvelopeError::Field(field))?;
-    if s.is_empty() {
-        return Err(EnvelopeError::Field(field));
-    }
-    Ok(s)
 }
 
 #[cfg(test)]

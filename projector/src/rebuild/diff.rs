@@ -20,7 +20,7 @@ use shared::Cause;
 
 use crate::projection::{change, change_message, CustomerKey};
 
-use super::{Difference, RebuildError};
+use super::{customer_keys, Difference, RebuildError};
 
 /// Rows fetched from the change cursor at a time: the memory the diff holds.
 const DIFF_CHUNK: usize = 1_000;
@@ -256,15 +256,7 @@ async fn write_messages(
             break;
         }
         if scope == Scope::Dirty {
-            let keys = rows
-                .iter()
-                .map(|row| {
-                    Ok(CustomerKey {
-                        account: row.try_get("account")?,
-                        customer: row.try_get("customer")?,
-                    })
-                })
-                .collect::<Result<Vec<_>, sqlx::Error>>()?;
+            let keys = customer_keys(&rows)?;
             lock_customers(tx, &keys).await?;
         }
         let mut pending = PendingMessages::default();

@@ -433,7 +433,14 @@ async fn scaffolding_pool(url: &SecretString, schema: &str) -> Result<PgPool, sq
     PgPoolOptions::new()
         .max_connections(SCAFFOLDING_CONNECTIONS)
         .acquire_timeout(Duration::from_secs(30))
-        .connect_with(options.options([("search_path", schema), ("synchronous_commit", "off")]))
+        .connect_with(options.options([
+            ("search_path", schema),
+            ("synchronous_commit", "off"),
+            // The fold's and the derivation's statements are large enough in cost for JIT
+            // compilation with inlining and optimisation, spent before their first row on plans
+            // whose time goes to sorting, fetching tuples and parsing jsonb.
+            ("jit", "off"),
+        ]))
         .await
 }
 
@@ -453,6 +460,19 @@ async fn live_offsets(
         .partitions()
         .map(|p| (p, stored.get(&p).copied().unwrap_or(0)))
         .collect())
+}
+
+/// The `(account, customer)` columns of rows, as keys.
+fn customer_keys(rows: &[sqlx::postgres::PgRow]) -> Result<Vec<CustomerKey>, sqlx::Error> {
+    use sqlx::Row;
+    rows.iter()
+        .map(|row| {
+            Ok(CustomerKey {
+                account: row.try_get("account")?,
+                customer: row.try_get("customer")?,
+            })
+        })
+        .collect()
 }
 
 /// `VmHWM` of `/proc/self/status`, in KiB.
