@@ -1,14 +1,13 @@
 //! Staging: a chunk of the log decoded, coalesced per object to its max-rank snapshot and
 //! COPYed into unlogged staging tables, one per projection table.
 
-use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 
 use sqlx::postgres::PgPoolCopyExt;
 use sqlx::PgPool;
 
 use crate::projection::payload::project_payload;
-use crate::projection::{newer, ObjectKey, ProjectedEvent, Snapshot};
+use crate::projection::{keep_max_rank, ObjectKey, ProjectedEvent, Snapshot};
 use crate::store::{self, InputRecord};
 
 use super::copy_binary::CopyBinary;
@@ -196,20 +195,7 @@ impl ChunkObjects {
                 self.deleted.insert((event.account.clone(), c.id.clone()));
             }
         }
-        let key = ObjectKey {
-            account: event.account.clone(),
-            kind: snapshot.kind(),
-            id: snapshot.object_id().to_owned(),
-        };
-        match self.objects.entry(key) {
-            Entry::Occupied(mut held) => {
-                if newer(Some(&held.get().rank), &event.rank) {
-                    held.insert(event);
-                }
-            }
-            Entry::Vacant(slot) => {
-                slot.insert(event);
-            }
-        }
+        let key = ObjectKey::of(&event, snapshot);
+        keep_max_rank(&mut self.objects, key, event);
     }
 }
