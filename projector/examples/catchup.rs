@@ -17,63 +17,34 @@
 //!     [events=100000] [customers=10000] [change-heavy|realistic] [rebuild|no-rebuild]
 //! ```
 
+mod support;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, Producer};
 use sqlx::{Connection, PgConnection};
-
-const STATUSES: &[&str] = &[
-    "trialing", "active", "active", "past_due", "active", "canceled",
-];
-const PRODUCTS: &[(&str, &str)] = &[
-    ("price_pro_month", "prod_pro"),
-    ("price_team_month", "prod_team"),
-    ("price_basic", "prod_basic"),
-];
+use support::{peak_rss_kib, BenchRun, PRODUCTS, STATUSES};
 
 #[tokio::main]
 async fn main() {
+    let events: u64 = support::arg(1, 100_000);
+    let customers: u64 = support::arg(2, 10_000);
     let args: Vec<String> = std::env::args().collect();
-    let events: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(100_000);
-    let customers: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let workload = match args.get(3).map(String::as_str) {
         None | Some("change-heavy") => Workload::ChangeHeavy,
         Some("realistic") => Workload::Realistic,
         Some(other) => panic!("unknown workload {other}: change-heavy or realistic"),
     };
     let rebuild = args.get(4).map(String::as_str) != Some("no-rebuild");
-    let kafka = shared::kafka::KafkaSettings::from_env().unwrap();
+    let bench = BenchRun::create("bench", 6).await;
+    let (run, topic, kafka) = (&bench.run, &bench.topic, &bench.kafka);
     let brokers = kafka.brokers().to_owned();
-    let admin_url = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://stripe:stripe@127.0.0.1:5432/stripe_pipeline".into());
-    let run = format!("bench_{}", std::process::id());
-    let topic = format!("{run}.events");
-
-    let admin: AdminClient<DefaultClientContext> = kafka.client_config().create().unwrap();
-    let new_topic = NewTopic::new(&topic, 6, TopicReplication::Fixed(1)).set("retention.ms", "-1");
-    admin
-        .create_topics(&[new_topic], &AdminOptions::new())
-        .await
-        .unwrap();
-    let mut db = PgConnection::connect(&admin_url).await.unwrap();
-    sqlx::query(&format!("CREATE DATABASE {run}"))
-        .execute(&mut db)
-        .await
-        .unwrap();
-    // Same server and options (sslmode, sslrootcert), another database.
-    let (base, query) = admin_url.split_once('?').unwrap_or((&admin_url, ""));
-    let database_url = format!(
-        "{}/{run}{}{query}",
-        &base[..base.rfind('/').unwrap()],
-        if query.is_empty() { "" } else { "?" }
-    );
+    let database_url = bench.database_url.clone();
 
     // Produce: each customer walks through statuses and plans, one event per step.
     let producer: FutureProducer = shared::kafka::durable_producer_config(
-        &kafka,
+        kafka,
         Duration::from_secs(60),
         shared::limits::ingest_record_max_bytes(shared::limits::DEFAULT_MAX_BODY_BYTES),
     )
@@ -89,19 +60,10 @@ async fn main() {
         let step = i / customers;
         let created = base + step as i64 * 3600;
         let body = match workload {
-            Workload::ChangeHeavy => change_heavy(&run, i, c, step, created),
-            Workload::Realistic => realistic(&run, i, c, step, created),
+            Workload::ChangeHeavy => change_heavy(run, i, c, step, created),
+            Workload::Realistic => realistic(run, i, c, step, created),
         };
-        let key = format!("cus_{c}");
-        loop {
-            match producer.send_result(FutureRecord::to(&topic).key(&key).payload(&body)) {
-                Ok(delivery) => {
-                    deliveries.push(delivery);
-                    break;
-                }
-                Err(_) => producer.poll(Duration::from_millis(10)),
-            }
-        }
+        deliveries.push(support::send(&producer, topic, &format!("cus_{c}"), &body));
     }
     for d in deliveries {
         d.await.unwrap().unwrap();
@@ -213,7 +175,7 @@ async fn main() {
         let _ = child.kill();
         let _ = child.wait();
         let _ = std::fs::remove_file(mapping);
-        clean_up(&admin, &admin_url, &run).await;
+        bench.remove().await;
         return;
     }
 
@@ -242,27 +204,7 @@ async fn main() {
             .unwrap_or("")
     );
     let _ = std::fs::remove_file(mapping);
-    clean_up(&admin, &admin_url, &run).await;
-}
-
-/// Drops the run's database and topics: a benchmark log is hundreds of MB on a shared disk.
-/// `KEEP_BENCH_DATA=1` keeps them for a look afterwards.
-async fn clean_up(admin: &AdminClient<DefaultClientContext>, admin_url: &str, run: &str) {
-    if std::env::var_os("KEEP_BENCH_DATA").is_some() {
-        return;
-    }
-    if let Ok(mut db) = PgConnection::connect(admin_url).await {
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {run} WITH (FORCE)"))
-            .execute(&mut db)
-            .await;
-    }
-    let topics = [
-        format!("{run}.events"),
-        format!("{run}.changes"),
-        format!("{run}.dlq"),
-    ];
-    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-    let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
+    bench.remove().await;
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -349,17 +291,4 @@ fn subscription_event(
         r#"{{"id":"evt_{run}_{i}","object":"event","api_version":"2025-03-31.basil","created":{created},"livemode":false,"pending_webhooks":1,"request":{{"id":null,"idempotency_key":null}},"type":"{event_type}","data":{{"object":{{"id":"sub_{c}","object":"subscription","customer":"cus_{c}","status":"{status}","cancel_at_period_end":false,"collection_method":"charge_automatically","currency":"usd","livemode":false,"metadata":{{}},"items":{{"object":"list","data":[{{"id":"si_{c}","object":"subscription_item","price":{{"id":"{price}","object":"price","product":"{product}","lookup_key":null,"recurring":{{"interval":"month"}}}},"quantity":1,"current_period_start":{created},"current_period_end":{end}}}],"has_more":false}}}}}}}}"#,
         end = created + 2_592_000
     )
-}
-
-/// Peak resident set of a process, KiB (`VmHWM` in /proc), 0 when unreadable.
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
 }

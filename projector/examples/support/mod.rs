@@ -61,7 +61,13 @@ impl BenchRun {
             .execute(&mut db)
             .await
             .expect("create database");
-        let database_url = format!("{}/{run}", &admin_url[..admin_url.rfind('/').unwrap()]);
+        // Same server and options (sslmode, sslrootcert), another database.
+        let (base, query) = admin_url.split_once('?').unwrap_or((&admin_url, ""));
+        let database_url = format!(
+            "{}/{run}{}{query}",
+            &base[..base.rfind('/').unwrap()],
+            if query.is_empty() { "" } else { "?" }
+        );
         BenchRun {
             run,
             topic,
@@ -72,8 +78,12 @@ impl BenchRun {
         }
     }
 
-    /// Drops the database and deletes the topics (disk is limited).
+    /// Drops the database and deletes the topics (a benchmark log is hundreds of MB on a shared
+    /// disk); `KEEP_BENCH_DATA=1` keeps them for a look afterwards.
     pub async fn remove(mut self) {
+        if std::env::var_os("KEEP_BENCH_DATA").is_some() {
+            return;
+        }
         let _ = sqlx::query(&format!("DROP DATABASE {} WITH (FORCE)", self.run))
             .execute(&mut self.db)
             .await;
@@ -100,4 +110,19 @@ pub fn send(producer: &FutureProducer, topic: &str, key: &str, body: &str) -> De
             Err(_) => producer.poll(Duration::from_millis(10)),
         }
     }
+}
+
+/// Peak resident set of a process, KiB (`VmHWM` in /proc), 0 when unreadable. (The rebuild bench
+/// reads the rebuild's own report instead; each example compiles this module on its own.)
+#[allow(dead_code)]
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
